@@ -1,0 +1,46 @@
+"""The public API: write a context into memory, and read from memory."""
+from . import dispatch, validation
+from .reference import memory_cache, read
+from .reference.write import write_unchecked
+
+
+def write(model, memory, input_ids, attention_mask=None, *, steps, lr, write_head=None, memory_proj=None,
+          clip_value=None, clip_norm=None, grad_mode="none", backend="auto", return_losses=False):
+    """Write the context `input_ids` into memory by `steps` steps of gradient descent.
+
+    model: a Hugging Face causal LM (weights are not changed). memory: the initial memory M0,
+    (m, d), (1, m, d) or (B, m, d). input_ids: (B, T) integer context; attention_mask: (B, T) of 1/0,
+    right padded (None: all real). Per step and sample b, the loss is the mean next-token cross-entropy
+    over b's real tokens given [M_b; context] (the last memory row predicts the first token);
+    M <- M - lr * grad, where grad is sample b's own gradient.
+
+    write_head: None (the LM head), a (V, d) tensor or a bias-free nn.Linear used for the write loss.
+    memory_proj: None or nn.Linear(d, d) applied to M before it enters the model (the gradient is
+    taken with respect to the pre-projection memory). clip_value: element-wise clamp of each step's
+    gradient; clip_norm: per-sample L2-norm clip, scale min(1, c / (||g_b|| + 1e-6)), after the clamp.
+    grad_mode: "none" (detached result), "first" (d M_K / d M0 = I), "second" (full second order through
+    all steps; attention is switched to eager for the write and restored afterwards).
+    backend: "auto" (the fast engine when it can run, else the reference with a warning naming why),
+    "fast" (raise with every reason when it cannot run), "reference". The environment variable
+    GRADMEM_FAST_BACKEND overrides it.
+
+    Returns the written memory (B, m, d) in the memory's dtype; with return_losses=True also a (B, K)
+    float32 tensor of sample b's inner loss at M_0 ... M_{K-1}.
+    """
+    validation.check_options(steps, lr, clip_value, clip_norm, grad_mode, backend)
+    mask = validation.check_ids_and_mask(model, input_ids, attention_mask, validation.memory_rows(memory))
+    memory = validation.check_memory(model, memory, input_ids.shape[0])
+    head = validation.check_write_head(model, write_head)
+    validation.check_memory_proj(model, memory_proj)
+    options = dict(steps=steps, lr=float(lr), write_head=head, memory_proj=memory_proj, clip_value=clip_value,
+                   clip_norm=clip_norm, grad_mode=grad_mode, return_losses=return_losses)
+    chosen = dispatch.choose_write_backend(backend, model, memory, write_head=head, memory_proj=memory_proj,
+                                           grad_mode=grad_mode)
+    if chosen == "fast":
+        from .engine import fast_write
+
+        return fast_write(model, memory, input_ids, mask, **options)
+    return write_unchecked(model, memory, input_ids, mask, **options)
+
+
+__all__ = ["write", "read", "memory_cache"]
