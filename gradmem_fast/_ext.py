@@ -1,8 +1,10 @@
 """Lazy loader for the compiled CUDA extension `gradmem_fast._C` (csrc/).
 
-Nothing is loaded or compiled at import time. `load()` returns the module or None, and
-`reason()` says why it is unavailable. `GRADMEM_FAST_JIT=1` compiles csrc/ on first use from a
-source checkout (torch.utils.cpp_extension.load with ninja) when no built module is installed.
+The extension registers its kernels as torch custom ops in the `gradmem_fast` namespace
+(`torch.ops.gradmem_fast.*`). Nothing is loaded or compiled at import time. `load()` returns the
+op namespace or None, and `reason()` says why it is unavailable. `GRADMEM_FAST_JIT=1` compiles
+csrc/ on first use from a source checkout (torch.utils.cpp_extension.load with ninja) when no
+built module is installed.
 """
 import functools
 import glob
@@ -10,12 +12,17 @@ import importlib
 import os
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("auto", "kernel", "reference")
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
+    import torch
+
     try:
-        return importlib.import_module("gradmem_fast._C"), None
+        importlib.import_module("gradmem_fast._C")
+        return torch.ops.gradmem_fast, None
     except ImportError as exc:
         built_error = f"gradmem_fast._C is not built ({exc})"
     if os.environ.get("GRADMEM_FAST_JIT", "0") != "1":
@@ -26,16 +33,17 @@ def _load():
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(
+        load(
             name="gradmem_fast_C",
             sources=sources,
             extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17"],
+            is_python_module=False,
             verbose=False,
         )
     except Exception as exc:
         return None, f"JIT build of csrc/ failed ({exc})"
-    return module, None
+    return torch.ops.gradmem_fast, None
 
 
 def load():
@@ -53,3 +61,29 @@ def cuda_op_reason(*tensors):
         if t is not None and t.device.type != "cuda":
             return f"tensor on {t.device} (csrc ops need CUDA)"
     return reason()
+
+
+def use_kernel(backend, op, *tensors, why=None):
+    """Whether `op` runs its csrc kernel on these tensors under `backend`; `why` is an op-specific
+    reason (dtype mix, shape) the kernel cannot take the call, or None.
+
+    "auto" takes the kernel when it can run (CUDA tensors, extension built, fp32/fp16/bf16),
+    else the pure-PyTorch twin; "kernel" raises RuntimeError with the reason when it cannot run;
+    "reference" always takes the twin.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if why is None:
+        why = cuda_op_reason(*tensors)
+    if why is None:
+        for t in tensors:
+            if t is not None and t.is_floating_point() and str(t.dtype).replace("torch.", "") not in KERNEL_DTYPES:
+                why = f"dtype {t.dtype} (csrc kernels take float32, float16, bfloat16)"
+                break
+    if why is None:
+        return True
+    if backend == "kernel":
+        raise RuntimeError(f"{op}: the csrc kernel cannot run: {why}")
+    return False
