@@ -1,0 +1,153 @@
+"""CUDA-graph path: per (model, B, bucketed T, m, dtypes, options) one captured prologue (the
+per-write constants) and one captured step, replayed K times; bounded LRU cache."""
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .plan import build_plan
+from .step import write_step
+
+ENV_CACHE_SIZE = "GRADMEM_FAST_GRAPH_CACHE"
+
+
+def cache_size():
+    try:
+        return max(0, int(os.environ.get(ENV_CACHE_SIZE, "8")))
+    except ValueError:
+        return 8
+
+
+def bucket_length(T, m, limit=None):
+    """T padded up: powers of two (>= 16) up to 64, then multiples of 64; capped by a position limit."""
+    if T <= 64:
+        bucket = 16
+        while bucket < T:
+            bucket *= 2
+    else:
+        bucket = -(-T // 64) * 64
+    if limit is not None:
+        bucket = min(bucket, limit - m)
+    return max(bucket, T)
+
+
+@dataclass
+class GraphEntry:
+    model_ref: Any  # weakref to the model
+    ids: torch.Tensor  # (B, Tb) static context ids
+    mask: torch.Tensor  # (B, Tb) static mask, 0 beyond T
+    memory: torch.Tensor  # (B, m, d) static memory, updated in place by each replay
+    lr: torch.Tensor  # () fp32
+    step_loss: torch.Tensor  # (B,) fp32
+    prologue: Any  # torch.cuda.CUDAGraph
+    step: Any  # torch.cuda.CUDAGraph
+    plan: Any  # tensors the step graph reads, produced by the prologue graph
+    replays: int = 0
+
+
+class GraphCache:
+    def __init__(self):
+        self._entries = OrderedDict()
+        self.captures = 0
+
+    def __len__(self):
+        return len(self._entries)
+
+    def clear(self):
+        self._entries.clear()
+
+    def get(self, key, model, build):
+        entry = self._entries.get(key)
+        if entry is not None and entry.model_ref() is model:
+            self._entries.move_to_end(key)
+            return entry
+        entry = build()
+        self.captures += 1
+        limit = cache_size()
+        if limit > 0:
+            self._entries[key] = entry
+            while len(self._entries) > limit:
+                self._entries.popitem(last=False)
+        return entry
+
+
+CACHE = GraphCache()
+
+
+def graph_key(model, spec, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value, clip_norm):
+    def ptr(t):
+        return None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+    params = tuple(p.data_ptr() for p in model.parameters())
+    proj = None if memory_proj is None else (ptr(memory_proj.weight), ptr(memory_proj.bias))
+    return (id(model), params, spec.embedding.device, spec.embedding.dtype, B, Tb, m, memory_dtype,
+            ptr(write_head), proj, clip_value, clip_norm, ops.backend)
+
+
+def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, clip_value, clip_norm):
+    """Warm up eagerly on a side stream (Triton compiles and autotunes there), then capture.
+
+    ids, mask, memory: static buffers already filled with real values (warm-up reads them).
+    """
+    B, m = memory.shape[0], memory.shape[1]
+    step_loss = torch.empty(B, dtype=torch.float32, device=memory.device)
+    saved_memory = memory.clone()
+
+    def prologue():
+        return build_plan(spec, ops, ids, mask, m, memory.dtype, write_head, memory_proj)
+
+    side = torch.cuda.Stream(device=memory.device)
+    side.wait_stream(torch.cuda.current_stream(memory.device))
+    with torch.cuda.stream(side):
+        warm = prologue()
+        write_step(warm, memory, lr, step_loss, clip_value, clip_norm)
+        del warm
+    torch.cuda.current_stream(memory.device).wait_stream(side)
+    pro_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(pro_graph):
+        plan = prologue()
+    step_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(step_graph, pool=pro_graph.pool()):
+        write_step(plan, memory, lr, step_loss, clip_value, clip_norm)
+    memory.copy_(saved_memory)
+    return GraphEntry(model_ref=weakref.ref(model), ids=ids, mask=mask, memory=memory, lr=lr,
+                      step_loss=step_loss, prologue=pro_graph, step=step_graph, plan=plan)
+
+
+def graph_write(model, spec, ops, start, input_ids, attention_mask, *, steps, lr, write_head, memory_proj,
+                clip_value, clip_norm, losses):
+    """start (B, m, d) memory-dtype; returns M_K (a fresh tensor); fills losses (B, K) when given."""
+    B, T = input_ids.shape
+    m = start.shape[1]
+    Tb = bucket_length(T, m, spec.max_positions)
+    key = graph_key(model, spec, ops, B, Tb, m, start.dtype, write_head, memory_proj, clip_value, clip_norm)
+
+    def fill(ids, mask, memory, lr_t):
+        ids[:, :T].copy_(input_ids)
+        ids[:, T:].zero_()
+        mask[:, :T].copy_(attention_mask)
+        mask[:, T:].zero_()
+        memory.copy_(start)
+        lr_t.fill_(lr)
+
+    def build():
+        ids = torch.empty(B, Tb, dtype=torch.int64, device=start.device)
+        mask = torch.empty(B, Tb, dtype=torch.int64, device=start.device)
+        memory = torch.empty_like(start, memory_format=torch.contiguous_format)
+        lr_t = torch.empty((), dtype=torch.float32, device=start.device)
+        fill(ids, mask, memory, lr_t)
+        return capture(model, spec, ops, ids, mask, memory, lr_t, write_head, memory_proj, clip_value,
+                       clip_norm)
+
+    entry = CACHE.get(key, model, build)
+    fill(entry.ids, entry.mask, entry.memory, entry.lr)
+    entry.prologue.replay()
+    for k in range(steps):
+        entry.step.replay()
+        entry.replays += 1
+        if losses is not None:
+            losses[:, k].copy_(entry.step_loss)
+    return entry.memory.clone()

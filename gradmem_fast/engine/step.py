@@ -1,0 +1,51 @@
+"""One write step: forward, loss, hand-written backward to the memory, in-place memory update."""
+import torch
+import torch.nn.functional as F
+
+from .layers import layer0_backward, layer0_forward, layer_backward, layer_forward
+
+
+def memory_in(plan, memory):
+    """memory (B, m, d) in its own dtype -> the memory rows entering the model (B, m, d), model dtype."""
+    x = memory
+    if plan.proj_weight is not None:
+        x = F.linear(x.to(plan.proj_weight.dtype), plan.proj_weight, plan.proj_bias)
+    x = x.to(plan.dtype)
+    if plan.pos_mem is not None:
+        x = x + plan.pos_mem
+    return x
+
+
+def memory_in_backward(plan, d_x):
+    """Gradient w.r.t. the model-dtype memory rows -> gradient w.r.t. the memory, memory dtype."""
+    if plan.proj_weight is not None:
+        d_x = torch.matmul(d_x.to(plan.proj_weight.dtype), plan.proj_weight)
+    return d_x.to(plan.memory_dtype)
+
+
+def forward_backward(plan, memory, step_loss):
+    """Gradient of sum_b L_b w.r.t. memory (B, m, d); writes each sample's loss into step_loss (B,)."""
+    spec, ops, m, T = plan.spec, plan.ops, plan.m, plan.T
+    pending, h, saved0 = layer0_forward(plan, memory_in(plan, memory))
+    saved = []
+    for layer in spec.layers[1:]:
+        pending, h, s = layer_forward(plan, layer, pending, h)
+        saved.append(s)
+    y, h_final, s_final = ops.add_norm_forward(pending, h, spec.final_norm, spec.norm_kind)
+    # position m-1+i predicts context token i
+    rows = y[:, m - 1:m - 1 + T].reshape(plan.B * T, -1)
+    loss_rows, grad_rows = ops.head_loss(rows, plan.head, plan.targets, plan.row_weights, plan.loss_rows,
+                                         plan.grad_rows)
+    torch.sum(loss_rows.view(plan.B, T) * plan.sample_weights, dim=1, out=step_loss)
+    dy = torch.zeros_like(y)
+    dy[:, m - 1:m - 1 + T] = grad_rows.view(plan.B, T, -1)
+    g = ops.add_norm_backward(dy, None, h_final, spec.final_norm, s_final, spec.norm_kind)
+    for layer, s in zip(reversed(spec.layers[1:]), reversed(saved)):
+        g = layer_backward(plan, layer, g, s)
+    return memory_in_backward(plan, layer0_backward(plan, g, saved0))
+
+
+def write_step(plan, memory, lr, step_loss, clip_value=None, clip_norm=None):
+    """M <- M - lr * clip(grad) in place. memory (B, m, d), lr fp32 device tensor, step_loss (B,) fp32."""
+    grad = forward_backward(plan, memory, step_loss)
+    plan.ops.memory_update_(memory, grad, lr, clip_value, clip_norm)

@@ -1,0 +1,112 @@
+"""The fast writer's entry points: fast_reason (can it take this call?) and fast_write."""
+import os
+
+import torch
+
+from .ops import ops_for
+from .plan import build_plan
+from .step import write_step
+
+ENV_OP_BACKEND = "GRADMEM_FAST_OP_BACKEND"
+ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
+OP_BACKENDS = ("auto", "kernel", "reference")
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _describe(model):
+    from ..models import describe
+    return describe(model)
+
+
+def fast_reason(model, memory, *, write_head, memory_proj, grad_mode):
+    """None when fast_write can take this call, else why not (one string)."""
+    if grad_mode == "second":
+        return "grad_mode='second' (full second order) is not supported by the fast engine"
+    try:
+        from ..models import model_reason
+    except ImportError as exc:
+        return f"the model adapters could not be imported ({exc})"
+    reason = model_reason(model)
+    if reason is not None:
+        return reason
+    spec = _describe(model)
+    if spec.embedding.dtype not in MODEL_DTYPES:
+        return f"model dtype {spec.embedding.dtype} is not one of float32, float16, bfloat16"
+    if write_head is None and spec.lm_head.bias is not None:
+        return "the model's LM head has a bias, which the fused head loss does not take"
+    if isinstance(memory, torch.Tensor) and memory.dtype not in MODEL_DTYPES + (torch.float64,):
+        return f"memory dtype {memory.dtype} is not supported"
+    return None
+
+
+def _op_backend(op_backend):
+    backend = op_backend or os.environ.get(ENV_OP_BACKEND) or "auto"
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"op_backend {backend!r} is not one of {OP_BACKENDS}")
+    return backend
+
+
+def _use_graphs(device, use_graphs):
+    if device.type != "cuda":
+        return False
+    if use_graphs is None:
+        return os.environ.get(ENV_GRAPHS, "1") != "0"
+    return bool(use_graphs)
+
+
+def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
+               clip_norm, grad_mode, return_losses, op_backend=None, use_graphs=None):
+    """K = steps GradMem steps without autograd (arguments already validated by gradmem_fast.write).
+
+    memory (1 or B, m, d); input_ids (B, T); attention_mask (B, T) right padded; write_head (V, d) or
+    None; memory_proj nn.Linear(d, d) or None. op_backend ("auto" | "kernel" | "reference", default from
+    GRADMEM_FAST_OP_BACKEND) picks the ops' backend; use_graphs (default: on for CUDA unless
+    GRADMEM_FAST_CUDA_GRAPHS=0) replays a captured step. Returns M_K (B, m, d) in memory's dtype, and the
+    (B, K) float32 per-step losses with return_losses.
+    """
+    if grad_mode == "second":
+        raise NotImplementedError("grad_mode='second' (full second order) is not supported by the fast engine")
+    if grad_mode not in ("none", "first"):
+        raise ValueError(f"unknown grad_mode {grad_mode!r}")
+    ops = ops_for(_op_backend(op_backend))
+    B, T = input_ids.shape
+    m = memory.shape[-2]
+    start_view = memory.expand(B, m, memory.shape[-1])
+    start = start_view.detach().clone(memory_format=torch.contiguous_format)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    losses = None
+    if return_losses:
+        losses = torch.empty(B, steps, dtype=torch.float32, device=input_ids.device)
+    if steps > 0:
+        spec = _describe(model)
+        with torch.no_grad():
+            if _use_graphs(input_ids.device, use_graphs):
+                from .graphs import graph_write
+                result = graph_write(model, spec, ops, start, input_ids, attention_mask, steps=steps, lr=lr,
+                                     write_head=write_head, memory_proj=memory_proj, clip_value=clip_value,
+                                     clip_norm=clip_norm, losses=losses)
+            else:
+                result = _eager_write(spec, ops, start, input_ids, attention_mask, steps, lr, write_head,
+                                      memory_proj, clip_value, clip_norm, losses)
+    else:
+        result = start
+    if grad_mode == "first":
+        result = start_view + (result - start_view).detach()
+    if return_losses:
+        return result, losses
+    return result
+
+
+def _eager_write(spec, ops, memory, input_ids, attention_mask, steps, lr, write_head, memory_proj, clip_value,
+                 clip_norm, losses):
+    """memory (B, m, d) contiguous, updated in place and returned."""
+    plan = build_plan(spec, ops, input_ids, attention_mask, memory.shape[1], memory.dtype, write_head,
+                      memory_proj)
+    lr_t = torch.full((), lr, dtype=torch.float32, device=memory.device)
+    step_loss = torch.empty(memory.shape[0], dtype=torch.float32, device=memory.device)
+    for k in range(steps):
+        write_step(plan, memory, lr_t, step_loss, clip_value, clip_norm)
+        if losses is not None:
+            losses[:, k].copy_(step_loss)
+    return memory
