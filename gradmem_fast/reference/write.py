@@ -10,7 +10,7 @@ def clip_gradient(grad, clip_value=None, clip_norm=None):
     if clip_value is not None:
         grad = grad.clamp(-clip_value, clip_value)
     if clip_norm is not None:
-        norm = grad.flatten(1).float().norm(dim=1)
+        norm = grad.flatten(1).to(torch.promote_types(grad.dtype, torch.float32)).norm(dim=1)
         scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0)
         grad = grad * scale.to(grad.dtype).view(-1, 1, 1)
     return grad
