@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the dependencies and the project (editable). Builds the CUDA extension (csrc/) when a
+# CUDA toolkit is found; GRADMEM_FAST_BUILD_CUDA=0 skips it. Needs network access to PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install -q "torch==2.14.1" "transformers>=5.17" pytest pytest-benchmark ninja setuptools
+# CUDA_HOME must be the toolkit root holding bin/nvcc and lib64/libcudart (torch's guess from the
+# nvcc on PATH can be wrong and then fails to link cudart).
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+    for root in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+        if [ -x "$root/bin/nvcc" ] && ls "$root"/lib64/libcudart* >/dev/null 2>&1; then
+            export CUDA_HOME="$root"
+            break
+        fi
+    done
+fi
+export MAX_JOBS="${MAX_JOBS:-2}"
+python -m pip install -q --no-build-isolation --no-deps -e .
+python -c "import gradmem_fast, gradmem_fast._ext as e; print('gradmem_fast', gradmem_fast.__version__, '| csrc:', e.reason() or 'built')"
