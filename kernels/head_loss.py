@@ -9,6 +9,8 @@ Two methods, same results:
   of rows with an online softmax (flash-attention style, with W playing both keys and values);
   logits exist only tile by tile; extra memory is an fp32 (N, d) accumulator.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +20,10 @@ from gradmem_fast._triton import interpreter_on
 METHODS = ("chunked", "fused")
 # bytes of the chunked method's logits buffer; the rows per chunk follow from V and the dtype
 CHUNK_BYTES = 256 << 20
+# elements the chunked method's logits rows are padded to (64 bf16 = 128 bytes)
+ROW_ALIGN = 64
+# "GRADMEM_FAST_HEAD_LOSS_METHOD" forces a method, for debugging
+ENV_METHOD = "GRADMEM_FAST_HEAD_LOSS_METHOD"
 
 
 @triton.jit
@@ -135,7 +141,7 @@ def _precision(dtype):
 
 def chunk_rows_for(N, V, dtype):
     """Rows per chunk of the chunked method: a buffer of about CHUNK_BYTES, a multiple of 128 rows."""
-    rows = CHUNK_BYTES // (V * torch.empty((), dtype=dtype).element_size())
+    rows = CHUNK_BYTES // (triton.cdiv(V, ROW_ALIGN) * ROW_ALIGN * torch.empty((), dtype=dtype).element_size())
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(N, rows))
@@ -158,13 +164,16 @@ def softmax_grad_(logits, targets, row_weights, loss):
 def _chunked(hidden, weight, targets, row_weights, loss, grad, chunk_rows, workspace):
     N, V = hidden.shape[0], weight.shape[0]
     C = chunk_rows or chunk_rows_for(N, V, hidden.dtype)
-    if workspace is None or workspace.numel() < C * V:
-        workspace = torch.empty(C * V, dtype=hidden.dtype, device=hidden.device)
-    buf = workspace[: C * V].view(C, V)
+    # rows of the logits buffer start on 128-byte boundaries whatever V is (e.g. 50257), which the
+    # GEMMs' vectorised loads and stores need
+    ld = triton.cdiv(V, ROW_ALIGN) * ROW_ALIGN
+    if workspace is None or workspace.numel() < C * ld:
+        workspace = torch.empty(C * ld, dtype=hidden.dtype, device=hidden.device)
+    buf = workspace[: C * ld].view(C, ld)[:, :V]
     w_t = weight.t()
     for start in range(0, N, C):
         stop = min(N, start + C)
-        z = buf[: stop - start]
+        z = buf[: stop - start]  # (rows, V), row stride ld
         torch.mm(hidden[start:stop], w_t, out=z)
         softmax_grad_(z, targets[start:stop], row_weights[start:stop], loss[start:stop])
         torch.mm(z, weight, out=grad[start:stop])
@@ -178,8 +187,10 @@ def _fused(hidden, weight, targets, row_weights, loss, grad, acc):
     if interpreter_on():
         block_n, block_v, block_d, warps, stages = 16, 32, 32, 1, 1
     else:
-        block_n, block_v, block_d = 64, 128, 64
-        warps, stages = 8, 3
+        # shared memory per stage: the two dot operand pairs; fp32 operands take twice the bytes
+        block_n, block_v = 64, 128
+        block_d, stages = (64, 3) if hidden.element_size() == 2 else (32, 2)
+        warps = 8
     _fused_head_loss_kernel[(triton.cdiv(N, block_n),)](
         hidden, weight, targets, row_weights, loss, acc, grad,
         N, V, D, hidden.stride(0), weight.stride(0), grad.stride(0),
@@ -187,15 +198,18 @@ def _fused(hidden, weight, targets, row_weights, loss, grad, acc):
         num_warps=warps, num_stages=stages)
 
 
-def head_loss(hidden, weight, targets, row_weights, loss, grad, *, method="chunked", chunk_rows=None,
+def head_loss(hidden, weight, targets, row_weights, loss, grad, *, method=None, chunk_rows=None,
               workspace=None):
     """Write loss (N,) fp32 and grad (N, d) for `fused_head_loss`; no checks, no autograd.
 
     hidden (N, d) and weight (V, d) with unit stride along d; targets (N,) int64; row_weights (N,)
-    fp32; loss and grad contiguous. method: "chunked" or "fused". chunk_rows: rows per chunk of the
-    chunked method (default: `chunk_rows_for`). workspace: optional flat reusable buffer (chunked:
-    >= chunk_rows * V elements of hidden's dtype; fused: >= N * d float32).
+    fp32; loss and grad contiguous. method: "chunked" or "fused" (None: $GRADMEM_FAST_HEAD_LOSS_METHOD,
+    else "chunked"). chunk_rows: rows per chunk of the chunked method (default: `chunk_rows_for`).
+    workspace: optional flat reusable buffer (chunked: >= chunk_rows * V rounded up to ROW_ALIGN
+    elements of hidden's dtype; fused: >= N * d float32).
     """
+    if method is None:
+        method = os.environ.get(ENV_METHOD) or "chunked"
     if hidden.shape[0] == 0:
         return
     if hidden.stride(1) != 1:

@@ -14,7 +14,7 @@ gradient. Rows with w_i == 0 give loss 0 and gradient 0 whatever their hidden va
 """
 import torch
 
-from .._triton import triton_reason
+from .._triton import interpreter_on, triton_reason
 
 BACKENDS = ("auto", "kernel", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -30,14 +30,16 @@ def _compute_dtype(dtype):
 
 def _outputs(hidden, loss_out, grad_out):
     N = hidden.shape[0]
-    loss = loss_out if loss_out is not None else torch.empty(N, dtype=torch.float32, device=hidden.device)
+    loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = loss_out if loss_out is not None else torch.empty(N, dtype=loss_dtype, device=hidden.device)
     grad = grad_out if grad_out is not None else torch.empty_like(hidden, memory_format=torch.contiguous_format)
     return loss, grad
 
 
 def fused_head_loss_reference(hidden, weight, targets, row_weights, *, loss_out=None, grad_out=None):
-    """Pure PyTorch twin of `fused_head_loss`: fp32 arithmetic (float64 for float64 inputs), logits
-    built a bounded chunk of rows at a time. Arguments and results as in `fused_head_loss`."""
+    """Pure PyTorch twin of `fused_head_loss`: fp32 arithmetic (float64 for float64 inputs, whose loss
+    is then float64 too), logits built a bounded chunk of rows at a time. Arguments and results as in
+    `fused_head_loss`."""
     ct = _compute_dtype(hidden.dtype)
     loss, grad = _outputs(hidden, loss_out, grad_out)
     N, V = hidden.shape[0], weight.shape[0]
@@ -51,7 +53,7 @@ def fused_head_loss_reference(hidden, weight, targets, row_weights, *, loss_out=
         logits = hidden[start:stop].to(ct) @ w_full.t()  # (rows, V)
         lse = torch.logsumexp(logits, dim=1)
         row_loss = lse - logits.gather(1, t[:, None]).squeeze(1)
-        loss[start:stop] = torch.where(active, row_loss, torch.zeros_like(row_loss)).float()
+        loss[start:stop] = torch.where(active, row_loss, torch.zeros_like(row_loss))
         p = torch.softmax(logits, dim=1)
         p[torch.arange(stop - start, device=p.device), t] -= 1.0
         p = torch.where(active[:, None], p * rw[:, None], torch.zeros_like(p))
@@ -68,6 +70,8 @@ def kernel_reason(hidden, weight, targets, row_weights):
         return f"dtype {hidden.dtype} (the kernels take float32, float16, bfloat16)"
     if row_weights.dtype != torch.float32:
         return f"row_weights dtype {row_weights.dtype} (the kernels take float32)"
+    if hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and interpreter_on():
+        return "bfloat16 under the Triton interpreter (its bfloat16 arithmetic is wrong)"
     return None
 
 
@@ -96,9 +100,10 @@ def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
     if loss_out is not None:
-        if loss_out.shape != (N,) or loss_out.dtype != torch.float32 or loss_out.device != hidden.device \
+        loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        if loss_out.shape != (N,) or loss_out.dtype != loss_dtype or loss_out.device != hidden.device \
                 or not loss_out.is_contiguous():
-            raise ValueError(f"loss_out must be a contiguous ({N},) float32 tensor on {hidden.device}, got "
+            raise ValueError(f"loss_out must be a contiguous ({N},) {loss_dtype} tensor on {hidden.device}, got "
                              f"{tuple(loss_out.shape)} {loss_out.dtype} on {loss_out.device}")
     if grad_out is not None:
         if grad_out.shape != (N, d) or grad_out.dtype != hidden.dtype or grad_out.device != hidden.device \
