@@ -1,0 +1,398 @@
+"""Triton kernels for causal attention with ragged lengths and GQA, FlashAttention-2 structure, and
+their host launchers (no autograd here; see gradmem_fast/ops/attention.py and attention.md).
+
+Tensors are (B, S, H, D) with D contiguous; lse and delta are (B, Hq, S) float32 with S contiguous.
+Inside the kernels scores are in base 2 (q.k * scale * log2 e); lse is stored in natural log.
+Offsets within one sample are 32-bit (S * stride_s < 2**31); the batch offset is 64-bit.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import interpreter_on
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+MAX_GRID_Y = 65535
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N of the dK/dV kernel is a multiple of its BLOCK_M.
+FWD_SHAPES = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
+DKDV_SHAPES = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)]
+DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+
+
+def configs(shapes):
+    if interpreter_on():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def precision(dtype):
+    """fp32 inputs are multiplied in full precision (tf32 would cost ~1e-3 relative error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_d(D):
+    return max(16, triton.next_power_of_2(D))
+
+
+@triton.jit
+def seq_len_of(LENGTHS, i_b, len_offset, S, HAS_LENGTHS: tl.constexpr):
+    """Valid rows of sample i_b: lengths[i_b] + len_offset clamped to [0, S] (S without lengths)."""
+    if HAS_LENGTHS:
+        n = tl.load(LENGTHS + i_b) + len_offset
+        n = tl.minimum(tl.maximum(n, 0), S)
+    else:
+        n = i_b * 0 + S
+    return n
+
+
+@triton.jit
+def online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
+    """Folds one key block (scores b_s (BM, BN), base 2, masked to -inf) into the running max b_m,
+    sum b_l and un-normalised accumulator b_acc (BM, BD)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_alpha = tl.exp2(b_m - b_m_new)
+    b_p = tl.exp2(b_s - b_m_new[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, LSUM, LENGTHS,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls,
+    S, HQ, len_offset, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    STATE_OUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # heaviest (last) query blocks first, to shorten the causal tail
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    i_b64 = i_b.to(tl.int64)
+    seq_len = seq_len_of(LENGTHS, i_b, len_offset, S, HAS_LENGTHS)
+    start_m = i_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    p_q = Q + i_b64 * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    b_q = tl.load(p_q, mask=(offs_m[:, None] < S) & mask_d[None, :], other=0.0)
+    p_k = K + i_b64 * stride_kb + (i_h // GROUP) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    p_v = V + i_b64 * stride_vb + (i_h // GROUP) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # keys [0, mid) are below every row of the block: no mask; [mid, hi) straddle the diagonal
+    hi = tl.minimum(start_m + BLOCK_M, seq_len) * (start_m < seq_len).to(tl.int32)
+    mid = tl.minimum(start_m, hi) // BLOCK_N * BLOCK_N
+    for start_n in range(0, mid, BLOCK_N):
+        b_k = tl.load(p_k + start_n * stride_ks, mask=mask_d[None, :], other=0.0)
+        b_v = tl.load(p_v + start_n * stride_vs, mask=mask_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+    for start_n in range(mid, hi, BLOCK_N):
+        key_ok = (start_n + offs_n) < seq_len
+        b_k = tl.load(p_k + start_n * stride_ks, mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        b_v = tl.load(p_v + start_n * stride_vs, mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_s = tl.where(offs_m[:, None] >= (start_n + offs_n)[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+
+    row_ok = offs_m < seq_len
+    store_mask = (offs_m[:, None] < S) & mask_d[None, :]
+    p_o = O + i_b64 * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    l_off = i_b64 * stride_lb + i_h * stride_lh + offs_m * stride_ls
+    if STATE_OUT:
+        tl.store(p_o, tl.where(row_ok[:, None], b_acc, 0.0), mask=store_mask)
+        tl.store(LSE + l_off, tl.where(row_ok, b_m * LN2, 0.0), mask=offs_m < S)
+        tl.store(LSUM + l_off, tl.where(row_ok, b_l, 0.0), mask=offs_m < S)
+    else:
+        b_l = tl.where(row_ok, b_l, 1.0)
+        b_o = tl.where(row_ok[:, None], b_acc / b_l[:, None], 0.0)
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=store_mask)
+        tl.store(LSE + l_off, tl.where(row_ok, (b_m + tl.log2(b_l)) * LN2, 0.0), mask=offs_m < S)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA, LENGTHS,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    S, HQ, len_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta (B, Hq, S) = rowsum(dO * O), zero on padded rows."""
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    i_b64 = i_b.to(tl.int64)
+    seq_len = seq_len_of(LENGTHS, i_b, len_offset, S, HAS_LENGTHS)
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    b_o = tl.load(O + i_b64 * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                  mask=mask, other=0.0).to(tl.float32)
+    b_do = tl.load(DO + i_b64 * stride_dob + i_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                   mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + i_bh.to(tl.int64) * S + offs_m, tl.sum(b_o * b_do, 1), mask=offs_m < S)
+
+
+@triton.jit
+def dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qs, stride_dos, stride_ls,
+              offs_n, lo, hi, n_rows, qk_scale,
+              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Adds to b_dk, b_dv (BN, BD) fp32 the contributions of query rows [lo, hi) (rows >= n_rows are
+    padding: loaded as zeros, with delta 0 they contribute nothing). CAUSAL masks key > row."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_rows
+        b_q = tl.load(p_q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :],
+                      other=0.0)
+        b_do = tl.load(p_do + offs_m[:, None] * stride_dos + offs_d[None, :],
+                       mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+        b_lse = tl.load(p_lse + offs_m * stride_ls, mask=row_ok, other=0.0) * LOG2E
+        b_delta = tl.load(p_delta + offs_m, mask=row_ok, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        if CAUSAL:
+            b_p = tl.where(offs_m[:, None] >= offs_n[None, :], b_p, 0.0)
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, stride_ls,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    S, HKV, len_offset, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key block of one kv head; loops over the query heads of its group (no atomics)."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_hk = i_bh % HKV
+    i_b64 = i_b.to(tl.int64)
+    seq_len = seq_len_of(LENGTHS, i_b, len_offset, S, HAS_LENGTHS)
+    start_n = i_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    b_k = tl.load(K + i_b64 * stride_kb + i_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                  mask=kv_mask, other=0.0)
+    b_v = tl.load(V + i_b64 * stride_vb + i_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                  mask=kv_mask, other=0.0)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # query blocks [lo, mid) straddle the diagonal; [mid, seq_len) lie wholly below it
+    lo = start_n // BLOCK_M * BLOCK_M
+    mid = tl.minimum((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seq_len)
+    for g in range(GROUP):
+        i_h = i_hk * GROUP + g
+        p_q = Q + i_b64 * stride_qb + i_h * stride_qh
+        p_do = DO + i_b64 * stride_dob + i_h * stride_doh
+        p_lse = LSE + i_b64 * stride_lb + i_h * stride_lh
+        p_delta = DELTA + (i_b64 * HKV * GROUP + i_h) * S
+        b_dk, b_dv = dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qs, stride_dos, stride_ls,
+                               offs_n, lo, mid, seq_len, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        b_dk, b_dv = dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qs, stride_dos, stride_ls,
+                               offs_n, mid, seq_len, seq_len, qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M,
+                               PRECISION)
+    key_ok = offs_n < seq_len
+    store_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+    p_dk = DK + i_b64 * stride_dkb + i_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+    p_dv = DV + i_b64 * stride_dvb + i_hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
+    tl.store(p_dk, tl.where(key_ok[:, None], b_dk * sm_scale, 0.0).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(p_dv, tl.where(key_ok[:, None], b_dv, 0.0).to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, b_mask, qk_scale,
+            CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    b_p = tl.exp2(b_s - b_lse[:, None])
+    if CAUSAL:
+        b_p = tl.where(b_mask, b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, stride_ls,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_delta, S, HQ, len_offset, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    i_b64 = i_b.to(tl.int64)
+    seq_len = seq_len_of(LENGTHS, i_b, len_offset, S, HAS_LENGTHS)
+    start_m = i_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_ok = offs_m < seq_len
+    row_mask = row_ok[:, None] & mask_d[None, :]
+    b_q = tl.load(Q + i_b64 * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=row_mask, other=0.0)
+    b_do = tl.load(DO + i_b64 * stride_dob + i_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                   mask=row_mask, other=0.0)
+    b_lse = tl.load(LSE + i_b64 * stride_lb + i_h * stride_lh + offs_m * stride_ls, mask=row_ok, other=0.0) * LOG2E
+    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * stride_delta + offs_m, mask=row_ok, other=0.0)
+    p_k = K + i_b64 * stride_kb + (i_h // GROUP) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    p_v = V + i_b64 * stride_vb + (i_h // GROUP) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(start_m + BLOCK_M, seq_len) * (start_m < seq_len).to(tl.int32)
+    mid = tl.minimum(start_m, hi) // BLOCK_N * BLOCK_N
+    for start_n in range(0, mid, BLOCK_N):
+        b_k = tl.load(p_k + start_n * stride_ks, mask=mask_d[None, :], other=0.0)
+        b_v = tl.load(p_v + start_n * stride_vs, mask=mask_d[None, :], other=0.0)
+        b_dq = dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, 0, qk_scale, False, PRECISION)
+    for start_n in range(mid, hi, BLOCK_N):
+        key_ok = (start_n + offs_n) < seq_len
+        b_k = tl.load(p_k + start_n * stride_ks, mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        b_v = tl.load(p_v + start_n * stride_vs, mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        b_mask = offs_m[:, None] >= (start_n + offs_n)[None, :]
+        b_dq = dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, b_mask, qk_scale, True, PRECISION)
+    p_dq = DQ + i_b64 * stride_dqb + i_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
+    tl.store(p_dq, tl.where(row_ok[:, None], b_dq * sm_scale, 0.0).to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < S) & mask_d[None, :])
+
+
+_KEY = ["BLOCK_D", "GROUP", "HAS_LENGTHS"]
+_fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"])(_fwd_kernel)
+_dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY)(_bwd_dq_kernel)
+
+# ---------------------------------------------------------------- launchers
+
+
+def strides3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def pick(tuned, raw, blocks):
+    """The autotuned kernel, or the raw one with fixed (BLOCK_M, BLOCK_N) when `blocks` is given."""
+    if blocks is None:
+        return tuned, {}
+    return raw, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1 if interpreter_on() else 2}
+
+
+def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_out=False, blocks=None):
+    """Writes o (or the state accumulator), lse (or row max) and lsum (state only); lengths None:
+    every row valid."""
+    B, S, Hq, D = q.shape
+    if B * Hq * S == 0:
+        return
+    kernel, extra = pick(_fwd_tuned, _fwd_kernel, blocks)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    kernel[grid](
+        q, k, v, o, lse, lsum if lsum is not None else lse, lengths if lengths is not None else lse,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(o), *strides3(lse),
+        S, Hq, len_offset, scale * 1.4426950408889634,
+        GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
+        STATE_OUT=state_out, PRECISION=precision(q.dtype), **extra)
+
+
+def launch_preprocess(o, do, delta, lengths, len_offset):
+    """delta (B, Hq, S) contiguous float32 = rowsum(do * o) over valid rows."""
+    B, S, Hq, D = o.shape
+    if B * Hq * S == 0:
+        return
+    BLOCK_M = 16 if interpreter_on() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(S, BLOCK_M), B * Hq)](
+        o, do, delta, lengths if lengths is not None else delta, *strides3(o), *strides3(do), S, Hq, len_offset,
+        HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None, BLOCK_M=BLOCK_M)
+
+
+def launch_dq(q, k, v, do, lse, delta, dq, lengths, len_offset, scale, *, blocks=None):
+    """dq for rows of q; delta may be a view whose rows are delta.stride(1) apart."""
+    B, S, Hq, D = q.shape
+    if B * Hq * S == 0:
+        return
+    kernel, extra = pick(_dq_tuned, _bwd_dq_kernel, blocks)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    kernel[grid](
+        q, k, v, do, lse, delta, dq, lengths if lengths is not None else delta,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dq),
+        delta.stride(1), S, Hq, len_offset, scale * 1.4426950408889634, scale,
+        GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
+        PRECISION=precision(q.dtype), **extra)
+
+
+def attention_forward(q, k, v, lengths, scale, *, out=None, blocks=None):
+    B, S, Hq, D = q.shape
+    if out is None:
+        out = (torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device),
+               torch.empty((B, Hq, S), dtype=torch.float32, device=q.device))
+    launch_forward(q, k, v, out[0], out[1], None, lengths, 0, scale, blocks=blocks)
+    return out[0], out[1]
+
+
+def attention_backward(do, q, k, v, o, lse, lengths, scale, *, out=None, blocks=None):
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if out is None:
+        out = (torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device),
+               torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device),
+               torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device))
+    dq, dk, dv = out
+    if B * Hq * S == 0:
+        return dq, dk, dv
+    delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    launch_preprocess(o, do, delta, lengths, 0)
+    kernel, extra = pick(_dkdv_tuned, _bwd_dkdv_kernel, None if blocks is None else blocks[::-1])
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, lengths,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dk), *strides3(dv),
+        S, Hkv, 0, scale * 1.4426950408889634, scale,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=True, PRECISION=precision(q.dtype), **extra)
+    launch_dq(q, k, v, do, lse, delta, dq, lengths, 0, scale, blocks=blocks)
+    return dq, dk, dv
+
+
+def context_attention_state(q_ctx, k_ctx, v_ctx, ctx_lengths, scale, *, out=None, blocks=None):
+    B, T, Hq, D = q_ctx.shape
+    if out is None:
+        out = (torch.empty((B, T, Hq, D), dtype=torch.float32, device=q_ctx.device),
+               torch.empty((B, Hq, T), dtype=torch.float32, device=q_ctx.device),
+               torch.empty((B, Hq, T), dtype=torch.float32, device=q_ctx.device))
+    launch_forward(q_ctx, k_ctx, v_ctx, out[0], out[1], out[2], ctx_lengths, 0, scale, state_out=True,
+                   blocks=blocks)
+    return tuple(out)
