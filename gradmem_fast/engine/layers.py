@@ -23,12 +23,12 @@ def linear_input_grad(dy, lin):
 
 def _qkv(spec, layer, x):
     from ..models.qkv import qkv_project
-    return qkv_project(spec, layer, x)
+    return qkv_project(spec, layer, x, validate=False)
 
 
 def _qkv_backward(spec, layer, dq, dk, dv):
     from ..models.qkv import qkv_project_backward
-    return qkv_project_backward(spec, layer, dq, dk, dv)
+    return qkv_project_backward(spec, layer, dq, dk, dv, validate=False)
 
 
 # ------------------------------------------------------------------ MLP

@@ -1,0 +1,76 @@
+"""Shared setup for the engine tests: a write run by the fast engine and by the float64 reference."""
+import functools
+
+import torch
+from torch import nn
+
+import gradmem_fast.reference
+from gradmem_fast.engine import fast_write
+from helpers import random_batch, tiny_model
+
+
+@functools.lru_cache(maxsize=None)
+def model_pair(family, seed=0, **overrides):
+    """The same tiny model in float32 and in float64 (the float64 one is an exact upcast)."""
+    overrides = dict(overrides)
+    return (tiny_model(family, dtype=torch.float32, seed=seed, **overrides),
+            tiny_model(family, dtype=torch.float64, seed=seed, **overrides))
+
+
+def make_options(model, option_names, seed=5):
+    """Options in float64; `cast(options, dtype)` gives the same values in another dtype."""
+    d, V = model.config.hidden_size, model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    options = {}
+    if "write_head" in option_names:
+        options["write_head"] = 0.2 * torch.randn(V, d, generator=g, dtype=torch.float64)
+    if "memory_proj" in option_names:
+        proj = nn.Linear(d, d).double()
+        with torch.no_grad():
+            proj.weight.copy_(torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, generator=g,
+                                                                                        dtype=torch.float64))
+            proj.bias.copy_(0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+        proj.requires_grad_(False)
+        options["memory_proj"] = proj
+    if "clip_value" in option_names:
+        options["clip_value"] = 0.02
+    if "clip_norm" in option_names:
+        options["clip_norm"] = 0.05
+    return options
+
+
+def cast(options, dtype):
+    out = dict(options)
+    if "write_head" in out:
+        out["write_head"] = out["write_head"].to(dtype)
+    if "memory_proj" in out:
+        proj = nn.Linear(out["memory_proj"].in_features, out["memory_proj"].out_features).to(dtype)
+        with torch.no_grad():
+            proj.weight.copy_(out["memory_proj"].weight)
+            proj.bias.copy_(out["memory_proj"].bias)
+        proj.requires_grad_(False)
+        out["memory_proj"] = proj
+    return out
+
+
+def fast_kwargs(options):
+    kw = dict(write_head=None, memory_proj=None, clip_value=None, clip_norm=None)
+    kw.update(options)
+    return kw
+
+
+def write_both(family, *, B, T, lengths=None, m, steps, lr=0.5, option_names=(), per_sample_memory=False,
+               op_backend="reference", seed=0, grad_mode="none", **overrides):
+    """(fast fp32 memory, fast losses, reference fp64 memory, reference losses, fp32 start memory)."""
+    model32, model64 = model_pair(family, **overrides)
+    ids, mask, memory = random_batch(model32, B, T, lengths=lengths, seed=seed, m=m)
+    memory = memory[None]
+    if per_sample_memory:
+        g = torch.Generator().manual_seed(seed + 1)
+        memory = memory + 0.1 * torch.randn(B, *memory.shape[1:], generator=g).to(memory.dtype)
+    options = make_options(model64, option_names, seed=seed + 5)
+    ref, ref_losses = gradmem_fast.reference.write(model64, memory.double(), ids, mask, steps=steps, lr=lr,
+                                                   return_losses=True, **options)
+    out, losses = fast_write(model32, memory, ids, mask, steps=steps, lr=lr, grad_mode=grad_mode,
+                             return_losses=True, op_backend=op_backend, **fast_kwargs(cast(options, torch.float32)))
+    return out, losses, ref, ref_losses, memory
