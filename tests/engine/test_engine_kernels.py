@@ -1,0 +1,47 @@
+"""The fast engine with the ops' Triton kernels (interpreter on CPU) against the float64 reference."""
+import warnings
+
+import pytest
+import torch
+
+import gradmem_fast.ops.attention as attention
+import gradmem_fast.ops.head_loss as head_loss
+
+from engine_cases import write_both
+from helpers import rel_err
+
+WIDE = {  # head dim 16 so the attention kernels take the call
+    "llama": dict(hidden_size=64, intermediate_size=96),
+    "gpt2": dict(n_embd=64),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96),
+}
+
+TRITON_OPS = {
+    attention: ("attention_forward", "attention_backward", "context_attention_state", "memory_attention_forward",
+                "memory_attention_backward"),
+    head_loss: ("fused_head_loss",),
+}
+
+
+def _refuse(name):
+    def twin(*args, **kwargs):
+        raise AssertionError(f"{name} fell back to its PyTorch twin")
+    return twin
+
+
+@pytest.mark.parametrize("family, B, T, lengths, m, steps, tol", [
+    ("llama", 2, 9, [9, 4], 3, 2, 1e-4),
+    ("gpt2", 1, 6, None, 2, 1, 1e-4),
+    ("gpt_neox", 2, 5, [5, 1], 1, 1, 1e-4),
+])
+def test_kernels_fp32(family, B, T, lengths, m, steps, tol, monkeypatch):
+    # a silent fallback to a twin would make this test pointless: the twins must not be reached
+    for module, names in TRITON_OPS.items():
+        for name in names:
+            monkeypatch.setattr(module, name + "_reference", _refuse(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, losses, ref, ref_losses, start = write_both(family, B=B, T=T, lengths=lengths, m=m, steps=steps,
+                                                         op_backend="auto", seed=11, **WIDE[family])
+    assert rel_err(out, ref) < tol and rel_err(losses, ref_losses) < tol
+    assert rel_err(ref, start.expand_as(ref)) > 1e-3
