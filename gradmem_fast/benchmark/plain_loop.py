@@ -1,7 +1,7 @@
 """The plain write loop the fast writer is measured against, and its torch.compile variant.
 
 Plain loop: a Hugging Face model (SDPA attention) with frozen weights, the context embedded once,
-full logits, fp32 cross-entropy, per-sample mean over real tokens then summed over the batch, and
+full logits, cross-entropy in fp32 (or wider), per-sample mean over real tokens then summed over the batch, and
 `torch.autograd.grad(loss, memory)` per step.
 """
 import torch
@@ -11,22 +11,28 @@ import torch.nn.functional as F
 def write_loss(model, memory, embeds, targets, weights):
     """Summed per-sample mean next-token loss of `[memory ; embeds]`.
 
-    memory (B, m, d), embeds (B, T, d), targets (B, T) int64, weights (B, T) fp32 = mask / L_b.
+    memory (B, m, d), embeds (B, T, d), targets (B, T) int64, weights (B, T) = mask / L_b in the
+    loss dtype (fp32, or fp64 for an fp64 model).
     Token i of the context is predicted from position m - 1 + i.
     """
     m = memory.shape[1]
     T = embeds.shape[1]
     logits = model(inputs_embeds=torch.cat([memory, embeds], dim=1)).logits  # (B, m + T, V)
-    logits = logits[:, m - 1 : m - 1 + T].float()
+    logits = logits[:, m - 1 : m - 1 + T]
+    logits = logits.to(loss_dtype(logits.dtype))
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (ce * weights.reshape(-1)).sum()
 
 
-def loss_weights(input_ids, attention_mask=None):
-    """(B, T) fp32 weights 1 / L_b on real tokens, 0 on padding."""
+def loss_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def loss_weights(input_ids, attention_mask=None, dtype=torch.float32):
+    """(B, T) weights 1 / L_b on real tokens, 0 on padding."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    mask = attention_mask.float()
+    mask = attention_mask.to(dtype)
     return mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
@@ -39,7 +45,7 @@ def plain_write(model, memory, input_ids, attention_mask=None, *, steps, lr, for
     """
     B = input_ids.shape[0]
     embeds = model.get_input_embeddings()(input_ids).detach()
-    weights = loss_weights(input_ids, attention_mask)
+    weights = loss_weights(input_ids, attention_mask, loss_dtype(embeds.dtype))
     mem = memory.detach()
     if mem.dim() == 2:
         mem = mem.unsqueeze(0).expand(B, -1, -1)

@@ -1,5 +1,6 @@
 """Runs the standard cases: each writer timed, its peak memory measured, its result checked."""
 import datetime
+import os
 import statistics
 import time
 
@@ -12,6 +13,7 @@ from .plain_loop import compile_model, plain_write
 # Cases whose compiled loop a quick run keeps: the ones with a compiled-loop target.
 QUICK_COMPILE = ("gpt2-latency", "llama1b-latency")
 GB = 1e9
+BACKEND_ENV = "GRADMEM_FAST_BACKEND"
 
 
 def _sync(device):
@@ -196,11 +198,19 @@ def run(case_list, device="cuda", *, warmup=2, repeats=5, compile_cases=(), gpu_
     result = environment(device, matmul_tflops)
     result.update({"warmup": warmup, "repeats": repeats, "notes": notes, "cases": [],
                    "gpu_tests": gpu_tests})
-    for case in case_list:
-        log(f"case {case.name}: B={case.B} T={case.T} m={case.m} K={case.K} {case.dtype}")
-        entry = run_case(case, device, warmup=warmup, repeats=repeats,
-                         compiled=case.name in compile_cases, matmul_tflops=matmul_tflops)
-        result["cases"].append(entry)
-        if on_case is not None:
-            on_case(result)
+    # The library's backend override would make "reference" and "fast" time the same writer.
+    forced = os.environ.pop(BACKEND_ENV, None)
+    if forced is not None:
+        notes.append(f"{BACKEND_ENV}={forced} was ignored for this run")
+    try:
+        for case in case_list:
+            log(f"case {case.name}: B={case.B} T={case.T} m={case.m} K={case.K} {case.dtype}")
+            entry = run_case(case, device, warmup=warmup, repeats=repeats,
+                             compiled=case.name in compile_cases, matmul_tflops=matmul_tflops)
+            result["cases"].append(entry)
+            if on_case is not None:
+                on_case(result)
+    finally:
+        if forced is not None:
+            os.environ[BACKEND_ENV] = forced
     return result
