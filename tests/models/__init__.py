@@ -1,0 +1,1 @@
+"""Tests of gradmem_fast.models."""
