@@ -27,6 +27,23 @@ ENV_METHOD = "GRADMEM_FAST_HEAD_LOSS_METHOD"
 
 
 @triton.jit
+def _log1p(x):
+    # log(1 + x), accurate for small x too (no libdevice under the interpreter): with u = fl(1 + x),
+    # log(u) * x / (u - 1) cancels the rounding of u
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _row_loss(b_m, b_zt, b_s_nt):
+    # lse - z_t from the max m, the target logit and s_nt = sum_{v != t} exp(z_v - m), without
+    # subtracting two numbers of the size of m: lse - z_t = log1p(s_nt / exp(z_t - m))
+    b_et = tl.exp(b_zt - b_m)
+    b_direct = (b_m - b_zt) + tl.log(b_s_nt + b_et)
+    return tl.where(b_et > 1e-30, _log1p(b_s_nt / tl.maximum(b_et, 1e-30)), b_direct)
+
+
+@triton.jit
 def _softmax_grad_kernel(p_logits, p_targets, p_row_weights, p_loss, stride_row, V, BLOCK_V: tl.constexpr):
     # one program per row: logits row (V,) -> w * (softmax - onehot(t)) in place, loss = lse - z_t
     i_row = tl.program_id(0)
@@ -41,21 +58,24 @@ def _softmax_grad_kernel(p_logits, p_targets, p_row_weights, p_loss, stride_row,
             tl.store(p_row + v0 + o_v, b_zero, mask=v0 + o_v < V)
         tl.store(p_loss + i_row, 0.0)
     else:
-        b_m = float("-inf")
-        b_s = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            b_z = tl.load(p_row + v0 + o_v, mask=v0 + o_v < V, other=float("-inf")).to(tl.float32)
-            b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
-            b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_z - b_m_new), axis=0)
-            b_m = b_m_new
-        b_lse = b_m + tl.log(b_s)
         t_ok = (b_t >= 0) & (b_t < V)
         b_zt = tl.load(p_row + b_t, mask=t_ok, other=0.0).to(tl.float32)
-        tl.store(p_loss + i_row, b_lse - b_zt)
+        # the target column is kept out of the sum so that p_t - 1 = -s_nt / s has no cancellation
+        b_m = float("-inf")
+        b_s_nt = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            o_col = v0 + o_v
+            b_z = tl.load(p_row + o_col, mask=o_col < V, other=float("-inf")).to(tl.float32)
+            b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
+            b_e = tl.where(o_col == b_t, 0.0, tl.exp(b_z - b_m_new))
+            b_s_nt = b_s_nt * tl.exp(b_m - b_m_new) + tl.sum(b_e, axis=0)
+            b_m = b_m_new
+        tl.store(p_loss + i_row, _row_loss(b_m, b_zt, b_s_nt))
+        b_inv_s = 1.0 / (b_s_nt + tl.exp(b_zt - b_m))
         for v0 in range(0, V, BLOCK_V):
             o_col = v0 + o_v
             b_z = tl.load(p_row + o_col, mask=o_col < V, other=0.0).to(tl.float32)
-            b_p = tl.exp(b_z - b_lse) - tl.where(o_col == b_t, 1.0, 0.0)
+            b_p = tl.where(o_col == b_t, -b_s_nt * b_inv_s, tl.exp(b_z - b_m) * b_inv_s)
             tl.store(p_row + o_col, (b_w * b_p).to(p_logits.dtype.element_ty), mask=o_col < V)
 
 
@@ -64,7 +84,7 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
                             N, V, D, stride_h, stride_w, stride_g,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr):
-    # one program per BLOCK_N rows; p_acc (N, D) fp32 holds sum_v exp(z_v - m) W_v for its rows
+    # one program per BLOCK_N rows; p_acc (N, D) fp32 holds sum_{v != t} exp(z_v - m) W_v for its rows
     i_n = tl.program_id(0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
@@ -83,7 +103,7 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
         tl.store(p_loss + o_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=m_n)
     else:
         b_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        b_s = tl.zeros([BLOCK_N], dtype=tl.float32)
+        b_s_nt = tl.zeros([BLOCK_N], dtype=tl.float32)
         b_zt = tl.zeros([BLOCK_N], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             o_col = v0 + o_v
@@ -98,12 +118,14 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
                                mask=m_col[None, :] & m_dd[:, None], other=0.0)  # (BLOCK_D, BLOCK_V)
                 b_z = tl.dot(b_h, b_wt, b_z, input_precision=PRECISION)
             b_z = tl.where(m_col[None, :], b_z, float("-inf"))
-            b_zt += tl.sum(tl.where(o_col[None, :] == b_t[:, None], b_z, 0.0), axis=1)
+            b_is_t = o_col[None, :] == b_t[:, None]
+            b_zt += tl.sum(tl.where(b_is_t, b_z, 0.0), axis=1)
             # every block holds at least one real column, so b_m_new is finite
             b_m_new = tl.maximum(b_m, tl.max(b_z, axis=1))
             b_alpha = tl.exp(b_m - b_m_new)
-            b_p = tl.exp(b_z - b_m_new[:, None])  # (BLOCK_N, BLOCK_V), 0 on padding columns
-            b_s = b_s * b_alpha + tl.sum(b_p, axis=1)
+            # (BLOCK_N, BLOCK_V), 0 on padding columns and on the target column (added exactly at the end)
+            b_p = tl.where(b_is_t, 0.0, tl.exp(b_z - b_m_new[:, None]))
+            b_s_nt = b_s_nt * b_alpha + tl.sum(b_p, axis=1)
             b_m = b_m_new
             b_p = b_p.to(p_w.dtype.element_ty)
             for d0 in range(0, D, BLOCK_D):
@@ -116,8 +138,8 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
                                mask=m_col[:, None] & m_dd[None, :], other=0.0)  # (BLOCK_V, BLOCK_D)
                 b_a = tl.dot(b_p, b_wv, b_a * b_alpha[:, None], input_precision=PRECISION)
                 tl.store(p_a, b_a, mask=m_nd)
-        b_lse = b_m + tl.log(b_s)
-        tl.store(p_loss + o_n, tl.where(b_live, b_lse - b_zt, 0.0), mask=m_n)
+        tl.store(p_loss + o_n, tl.where(b_live, _row_loss(b_m, b_zt, b_s_nt), 0.0), mask=m_n)
+        b_inv_s = 1.0 / (b_s_nt + tl.exp(b_zt - b_m))
         m_t = m_n & b_live & (b_t >= 0) & (b_t < V)
         b_t64 = tl.where(m_t, b_t, 0).to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
@@ -126,7 +148,8 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
             b_a = tl.load(p_acc + o_n64[:, None] * D + d0 + o_d[None, :], mask=m_nd, other=0.0)
             b_wt = tl.load(p_w + b_t64[:, None] * stride_w + d0 + o_d[None, :],
                            mask=m_t[:, None] & m_dd[None, :], other=0.0).to(tl.float32)
-            b_g = b_rw[:, None] * (b_a / b_s[:, None] - b_wt)
+            # p_t - 1 = -s_nt / s
+            b_g = (b_rw * b_inv_s)[:, None] * (b_a - b_s_nt[:, None] * b_wt)
             b_g = tl.where(b_live[:, None], b_g, 0.0)
             tl.store(p_grad + o_n64[:, None] * stride_g + d0 + o_d[None, :],
                      b_g.to(p_grad.dtype.element_ty), mask=m_nd)

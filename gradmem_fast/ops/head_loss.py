@@ -51,11 +51,18 @@ def fused_head_loss_reference(hidden, weight, targets, row_weights, *, loss_out=
         active = rw != 0
         t = torch.where(active, targets[start:stop], torch.zeros_like(targets[start:stop]))
         logits = hidden[start:stop].to(ct) @ w_full.t()  # (rows, V)
-        lse = torch.logsumexp(logits, dim=1)
-        row_loss = lse - logits.gather(1, t[:, None]).squeeze(1)
+        m = logits.max(dim=1, keepdim=True).values
+        e = torch.exp(logits - m)
+        e_t = e.gather(1, t[:, None])
+        # the target column stays out of the sum: lse - z_t = log1p(s_nt / e_t) and p_t - 1 = -s_nt / s
+        # need no difference of nearly equal numbers
+        e_nt = e.scatter(1, t[:, None], 0.0)
+        s_nt = e_nt.sum(dim=1, keepdim=True)
+        tiny = torch.finfo(ct).tiny
+        row_loss = torch.where(e_t > tiny, torch.log1p(s_nt / e_t.clamp_min(tiny)),
+                               (m - logits.gather(1, t[:, None])) + torch.log(s_nt + e_t)).squeeze(1)
         loss[start:stop] = torch.where(active, row_loss, torch.zeros_like(row_loss))
-        p = torch.softmax(logits, dim=1)
-        p[torch.arange(stop - start, device=p.device), t] -= 1.0
+        p = e_nt.scatter(1, t[:, None], -s_nt) / (s_nt + e_t)  # softmax - onehot(t)
         p = torch.where(active[:, None], p * rw[:, None], torch.zeros_like(p))
         grad[start:stop] = (p @ w_full).to(grad.dtype)
     return loss, grad
