@@ -43,8 +43,6 @@ def cuda_extensions():
     os.environ.setdefault("MAX_JOBS", "2")
     nvcc_flags = [
         "-O3",
-        "--use_fast_math",
-        "-std=c++17",
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90a,code=sm_90a",
         "-gencode=arch=compute_90,code=compute_90",
@@ -52,7 +50,7 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="gradmem_fast._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

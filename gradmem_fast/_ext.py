@@ -36,8 +36,8 @@ def _load():
         load(
             name="gradmem_fast_C",
             sources=sources,
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],
             is_python_module=False,
             verbose=False,
         )
