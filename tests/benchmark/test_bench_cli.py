@@ -109,3 +109,17 @@ def _result():
             "fast_over_floor": None, "plain_over_fast": None, "compiled_over_fast": None}
     return {"card": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "matmul_tflops": 770.0,
             "date": "2026-11-26", "cases": [case], "gpu_tests": None}
+
+
+@pytest.mark.gpu
+def test_gpu_run_fills_floor_and_peaks(tmp_path):
+    out = tmp_path / "results"
+    assert main(["--cases", "kv-latency", "--context", "64", "--warmup", "1", "--repeats", "2",
+                 "--no-compile", "--out-dir", str(out)]) == 0
+    result = json.loads((out / "latest.json").read_text())
+    assert result["matmul_tflops"] > 10.0 and result["card"] != "cpu"
+    (case,) = result["cases"]
+    assert case["floor_ms"] > 0 and case["plain_peak_gb"] > 0 and case["reference_peak_gb"] > 0
+    assert case["reference_rel_err_vs_plain"] < 1e-4
+    if case["fast_ms"] is not None:
+        assert case["fast_peak_gb"] > 0 and case["fast_rel_err"] < 1e-3
