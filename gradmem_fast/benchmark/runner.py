@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..api import write
 from . import cases as cases_mod
 from .floor import floor_ms, measure_matmul_tflops
 from .plain_loop import compile_model, plain_write
@@ -68,19 +69,6 @@ def rel_err(x, ref):
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _library_writer(backend):
-    try:
-        from gradmem_fast import write
-    except ImportError as exc:
-        return None, f"gradmem_fast.write is not available ({exc})"
-
-    def run(model, memory, ids, steps, lr):
-        out = write(model, memory, ids, steps=steps, lr=lr, backend=backend)
-        return out[0] if isinstance(out, tuple) else out
-
-    return run, None
-
-
 def _measure(name, fn, device, warmup, repeats, entry):
     """Fill entry[name_ms], entry[name_peak_gb] (or a reason); return the writer's output."""
     holder = {}
@@ -128,15 +116,10 @@ def run_case(case, device, *, warmup, repeats, compiled, matmul_tflops, seed=0):
         entry["compiled_peak_gb"] = None
         entry["compiled_reason"] = ("not requested (--compile)" if torch.device(device).type == "cuda"
                                     else "needs CUDA (reduce-overhead mode records CUDA graphs)")
-    for backend in ("reference", "fast"):
-        writer, reason = _library_writer(backend)
-        if writer is None:
-            entry[f"{backend}_ms"] = None
-            entry[f"{backend}_peak_gb"] = None
-            entry[f"{backend}_reason"] = reason
-            continue
+    for backend in ("reference", "fast"):  # "fast" raises BackendUnavailable with its reasons
         outputs[backend] = _measure(
-            backend, lambda: writer(model, memory, ids, K, lr), device, warmup, repeats, entry)
+            backend, lambda: write(model, memory, ids, steps=K, lr=lr, backend=backend),
+            device, warmup, repeats, entry)
 
     _ratios(entry, outputs)
     del model, outputs
