@@ -76,7 +76,7 @@ def _launch_forward(x, residual, weight, bias, eps, kind, out):
     rows = x2.shape[0]
     if out is None:
         y = torch.empty_like(x2)
-        res_out = x if residual is None else torch.empty_like(x)
+        res_out = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
         stats = torch.empty(rows, 2, dtype=torch.float32, device=x.device)
     else:
         y, res_out, stats = out
