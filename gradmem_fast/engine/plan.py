@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .layers import Layer0Context, layer0_context
 
@@ -59,7 +60,7 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     real = mask.bool()
     targets = torch.where(real, input_ids, torch.zeros_like(input_ids)).reshape(B * T)
     sample_weights = real.to(torch.float32) / ctx_lengths.to(torch.float32)[:, None]
-    x_ctx = spec.embedding[input_ids]
+    x_ctx = F.embedding(input_ids, spec.embedding)
     pos_mem = None
     if spec.position_embedding is not None:
         x_ctx = x_ctx + spec.position_embedding[m:m + T]

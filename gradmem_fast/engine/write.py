@@ -80,6 +80,9 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
         losses = torch.empty(B, steps, dtype=torch.float32, device=input_ids.device)
     if steps > 0:
         spec = _describe(model)
+        if spec.max_positions is not None and m + T > spec.max_positions:
+            raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
+                             "(position table or sliding window), which the fast engine does not cover")
         with torch.no_grad():
             if _use_graphs(input_ids.device, use_graphs):
                 from .graphs import graph_write

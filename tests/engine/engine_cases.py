@@ -1,4 +1,5 @@
 """Shared setup for the engine tests: a write run by the fast engine and by the float64 reference."""
+import copy
 import functools
 
 import torch
@@ -9,12 +10,25 @@ from gradmem_fast.engine import fast_write
 from helpers import random_batch, tiny_model
 
 
+WIDE = {  # head dim 16 so the attention kernels take the call
+    "llama": dict(hidden_size=64, intermediate_size=96),
+    "gpt2": dict(n_embd=64),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def model_pair(family, seed=0, **overrides):
     """The same tiny model in float32 and in float64 (the float64 one is an exact upcast)."""
     overrides = dict(overrides)
     return (tiny_model(family, dtype=torch.float32, seed=seed, **overrides),
             tiny_model(family, dtype=torch.float64, seed=seed, **overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def model_on(family, device, seed=0, **overrides):
+    """The float32 model of model_pair on another device."""
+    return copy.deepcopy(model_pair(family, seed=seed, **overrides)[0]).to(device)
 
 
 def make_options(model, option_names, seed=5):
@@ -39,12 +53,12 @@ def make_options(model, option_names, seed=5):
     return options
 
 
-def cast(options, dtype):
+def cast(options, dtype, device="cpu"):
     out = dict(options)
     if "write_head" in out:
-        out["write_head"] = out["write_head"].to(dtype)
+        out["write_head"] = out["write_head"].to(device, dtype)
     if "memory_proj" in out:
-        proj = nn.Linear(out["memory_proj"].in_features, out["memory_proj"].out_features).to(dtype)
+        proj = nn.Linear(out["memory_proj"].in_features, out["memory_proj"].out_features).to(device, dtype)
         with torch.no_grad():
             proj.weight.copy_(out["memory_proj"].weight)
             proj.bias.copy_(out["memory_proj"].bias)
@@ -60,9 +74,11 @@ def fast_kwargs(options):
 
 
 def write_both(family, *, B, T, lengths=None, m, steps, lr=0.5, option_names=(), per_sample_memory=False,
-               op_backend="reference", seed=0, grad_mode="none", **overrides):
-    """(fast fp32 memory, fast losses, reference fp64 memory, reference losses, fp32 start memory)."""
+               op_backend="reference", seed=0, grad_mode="none", device="cpu", use_graphs=None, **overrides):
+    """(fast fp32 memory, fast losses, reference fp64 memory, reference losses, fp32 start memory), all on
+    the CPU; the fast write runs on `device`, the float64 reference on the CPU."""
     model32, model64 = model_pair(family, **overrides)
+    fast_model = model32 if device == "cpu" else model_on(family, device, **overrides)
     ids, mask, memory = random_batch(model32, B, T, lengths=lengths, seed=seed, m=m)
     memory = memory[None]
     if per_sample_memory:
@@ -71,6 +87,7 @@ def write_both(family, *, B, T, lengths=None, m, steps, lr=0.5, option_names=(),
     options = make_options(model64, option_names, seed=seed + 5)
     ref, ref_losses = gradmem_fast.reference.write(model64, memory.double(), ids, mask, steps=steps, lr=lr,
                                                    return_losses=True, **options)
-    out, losses = fast_write(model32, memory, ids, mask, steps=steps, lr=lr, grad_mode=grad_mode,
-                             return_losses=True, op_backend=op_backend, **fast_kwargs(cast(options, torch.float32)))
-    return out, losses, ref, ref_losses, memory
+    out, losses = fast_write(fast_model, memory.to(device), ids.to(device), mask.to(device), steps=steps, lr=lr,
+                             grad_mode=grad_mode, return_losses=True, op_backend=op_backend, use_graphs=use_graphs,
+                             **fast_kwargs(cast(options, torch.float32, device)))
+    return out.cpu(), losses.cpu(), ref, ref_losses, memory

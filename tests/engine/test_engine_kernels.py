@@ -7,14 +7,9 @@ import torch
 import gradmem_fast.ops.attention as attention
 import gradmem_fast.ops.head_loss as head_loss
 
-from engine_cases import write_both
+from engine_cases import WIDE, write_both
 from helpers import rel_err
 
-WIDE = {  # head dim 16 so the attention kernels take the call
-    "llama": dict(hidden_size=64, intermediate_size=96),
-    "gpt2": dict(n_embd=64),
-    "gpt_neox": dict(hidden_size=64, intermediate_size=96),
-}
 
 TRITON_OPS = {
     attention: ("attention_forward", "attention_backward", "context_attention_state", "memory_attention_forward",

@@ -129,3 +129,11 @@ def test_bad_op_backend():
 def test_unsupported_model_reason():
     model = torch.nn.Linear(4, 4)
     assert fast_reason(model, torch.zeros(2, 4), write_head=None, memory_proj=None, grad_mode="none")
+
+
+def test_sliding_window_limit_is_refused():
+    model32, _ = model_pair("mistral", sliding_window=8)
+    ids, mask, memory = random_batch(model32, 1, 6, m=3)
+    with pytest.raises(ValueError, match="sliding window"):
+        fast_write(model32, memory[None], ids, mask, steps=1, lr=0.1, grad_mode="none", return_losses=False,
+                   op_backend="reference", **fast_kwargs({}))
