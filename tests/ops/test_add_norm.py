@@ -179,13 +179,19 @@ def test_kernel_against_float64(dtype, factor, fp32_tol, kind, d, rows, with_res
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
-def test_kernel_misaligned_and_strided_inputs(kind):
-    # x a view at an odd element offset: the kernel takes its scalar path
-    base, res, w, b = _inputs((65, 769), torch.float32, device="cuda", seed=9)
-    x = base[:, 1:]
-    y, res_out, stats = add_norm_forward(x, res[:, 1:], w[1:], b[1:], 1e-5, kind, backend="kernel")
-    ry, rres, rstats = add_norm_forward_reference(x, res[:, 1:], w[1:], b[1:], 1e-5, kind)
-    assert rel_err(y, ry) < 1e-5 and torch.equal(res_out, rres) and rel_err(stats, rstats) < 1e-5
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
+def test_kernel_misaligned_and_strided_inputs(kind, dtype, tol):
+    rows, d = 65, 768
+    flat, res, w, b = _inputs((rows * d + 1,), dtype, device="cuda", seed=9)
+    # contiguous views one element off 16-byte alignment: the kernel takes its scalar path
+    x, r = flat[1:].view(rows, d), res[1:].view(rows, d)
+    y, res_out, stats = add_norm_forward(x, r, w[1:d + 1], b[1:d + 1], 1e-5, kind, backend="kernel")
+    ry, rres, rstats = add_norm_forward_reference(x, r, w[1:d + 1], b[1:d + 1], 1e-5, kind)
+    assert rel_err(y, ry) < tol and torch.equal(res_out, rres) and rel_err(stats, rstats) < 1e-5
+    # a transposed (strided) input is made contiguous by the wrapper
+    xt = flat[1:].view(d, rows).t()
+    y, res_out, _ = add_norm_forward(xt, None, w[:rows], None, 1e-5, kind, backend="kernel")
+    assert res_out is xt and rel_err(y, add_norm_forward_reference(xt, None, w[:rows], None, 1e-5, kind)[0]) < tol
 
 
 @pytest.mark.gpu
