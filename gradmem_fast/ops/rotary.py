@@ -63,10 +63,12 @@ def rotary_tables(inv_freq, positions, attention_scaling, *, out=None, backend="
                         or not t.is_contiguous():
                     raise ValueError(f"{name} must be contiguous float32 {shape} on {inv_freq.device}, "
                                      f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    why = None if inv_freq.dtype == torch.float32 else f"inv_freq dtype {inv_freq.dtype} (the kernel takes float32)"
-    if _ext.use_kernel(backend, "rotary_tables", inv_freq, positions, why=why if why else (
-            None if positions.dtype in (torch.int64, torch.int32, torch.float32)
-            else f"positions dtype {positions.dtype} (the kernel takes int64, int32, float32)")):
+    why = None
+    if inv_freq.dtype != torch.float32:
+        why = f"inv_freq dtype {inv_freq.dtype} (the kernel takes float32)"
+    elif positions.dtype not in (torch.int64, torch.int32, torch.float32):
+        why = f"positions dtype {positions.dtype} (the kernel takes int64, int32, float32)"
+    if _ext.use_kernel(backend, "rotary_tables", inv_freq, positions, why=why):
         S, half = positions.shape[0], inv_freq.shape[0]
         if out is None:
             out = (torch.empty(S, half, dtype=torch.float32, device=inv_freq.device),
