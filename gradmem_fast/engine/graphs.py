@@ -77,13 +77,13 @@ class GraphCache:
 CACHE = GraphCache()
 
 
-def graph_key(model, spec, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value, clip_norm):
+def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value,
+              clip_norm):
     def ptr(t):
         return None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
-    params = tuple(p.data_ptr() for p in model.parameters())
     proj = None if memory_proj is None else (ptr(memory_proj.weight), ptr(memory_proj.bias))
-    return (id(model), params, spec.embedding.device, spec.embedding.dtype, B, Tb, m, memory_dtype,
+    return (id(model), signature, spec.embedding.device, spec.embedding.dtype, B, Tb, m, memory_dtype,
             ptr(write_head), proj, clip_value, clip_norm, ops.backend)
 
 
@@ -117,13 +117,14 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
                       step_loss=step_loss, prologue=pro_graph, step=step_graph, plan=plan)
 
 
-def graph_write(model, spec, ops, start, input_ids, attention_mask, *, steps, lr, write_head, memory_proj,
-                clip_value, clip_norm, losses):
+def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *, steps, lr, write_head,
+                memory_proj, clip_value, clip_norm, losses):
     """start (B, m, d) memory-dtype; returns M_K (a fresh tensor); fills losses (B, K) when given."""
     B, T = input_ids.shape
     m = start.shape[1]
     Tb = bucket_length(T, m, spec.max_positions)
-    key = graph_key(model, spec, ops, B, Tb, m, start.dtype, write_head, memory_proj, clip_value, clip_norm)
+    key = graph_key(model, spec, signature, ops, B, Tb, m, start.dtype, write_head, memory_proj, clip_value,
+                    clip_norm)
 
     def fill(ids, mask, memory, lr_t):
         ids[:, :T].copy_(input_ids)

@@ -5,6 +5,7 @@ import torch
 
 from .ops import ops_for
 from .plan import build_plan
+from .specs import spec_of
 from .step import write_step
 
 ENV_OP_BACKEND = "GRADMEM_FAST_OP_BACKEND"
@@ -13,23 +14,18 @@ OP_BACKENDS = ("auto", "kernel", "reference")
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _describe(model):
-    from ..models import describe
-    return describe(model)
-
-
 def fast_reason(model, memory, *, write_head, memory_proj, grad_mode):
     """None when fast_write can take this call, else why not (one string)."""
     if grad_mode == "second":
         return "grad_mode='second' (full second order) is not supported by the fast engine"
     try:
-        from ..models import model_reason
+        from ..models import UnsupportedModel
     except ImportError as exc:
         return f"the model adapters could not be imported ({exc})"
-    reason = model_reason(model)
-    if reason is not None:
-        return reason
-    spec = _describe(model)
+    try:
+        spec, _ = spec_of(model)
+    except UnsupportedModel as exc:
+        return str(exc)
     if spec.embedding.dtype not in MODEL_DTYPES:
         return f"model dtype {spec.embedding.dtype} is not one of float32, float16, bfloat16"
     if write_head is None and spec.lm_head.bias is not None:
@@ -79,15 +75,15 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     if return_losses:
         losses = torch.empty(B, steps, dtype=torch.float32, device=input_ids.device)
     if steps > 0:
-        spec = _describe(model)
+        spec, signature = spec_of(model)
         if spec.max_positions is not None and m + T > spec.max_positions:
             raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
                              "(position table or sliding window), which the fast engine does not cover")
         with torch.no_grad():
             if _use_graphs(input_ids.device, use_graphs):
                 from .graphs import graph_write
-                result = graph_write(model, spec, ops, start, input_ids, attention_mask, steps=steps, lr=lr,
-                                     write_head=write_head, memory_proj=memory_proj, clip_value=clip_value,
+                result = graph_write(model, spec, signature, ops, start, input_ids, attention_mask, steps=steps,
+                                     lr=lr, write_head=write_head, memory_proj=memory_proj, clip_value=clip_value,
                                      clip_norm=clip_norm, losses=losses)
             else:
                 result = _eager_write(spec, ops, start, input_ids, attention_mask, steps, lr, write_head,

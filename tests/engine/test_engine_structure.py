@@ -7,7 +7,7 @@ import torch
 import gradmem_fast.ops.attention as attention
 from engine_cases import fast_kwargs, model_pair
 from gradmem_fast.engine import fast_write, graphs
-from helpers import random_batch, rel_err
+from helpers import random_batch, rel_err, tiny_model
 
 
 def _run(model, ids, mask, memory, steps, **kw):
@@ -101,3 +101,21 @@ def test_graph_cache_size_zero_keeps_nothing(monkeypatch):
     model = _Model()
     cache.get("k", model, lambda: graphs.GraphEntry(lambda: model, *([None] * 8)))
     assert len(cache) == 0
+
+
+def test_spec_cache_follows_the_parameters():
+    from gradmem_fast.engine.specs import spec_of
+
+    model = tiny_model("llama", dtype=torch.float32)
+    first, _ = spec_of(model)
+    assert spec_of(model)[0] is first
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    second, _ = spec_of(model)
+    assert second is not first and second.lm_head.weight is model.lm_head.weight
+
+
+def test_fast_reason_for_non_models():
+    from gradmem_fast.engine import fast_reason
+
+    for thing in (object(), torch.nn.Linear(4, 4)):
+        assert fast_reason(thing, torch.zeros(2, 4), write_head=None, memory_proj=None, grad_mode="none")
