@@ -75,6 +75,16 @@ class GraphCache:
 
 
 CACHE = GraphCache()
+_POOLS = {}
+
+
+def shared_pool(device):
+    """One memory pool per device for every captured graph: replays are serialised on one stream and
+    each graph writes its temporaries before reading them, so the cache costs the largest entry's
+    activations, not their sum. Tensors that outlive a capture (plans) stay allocated."""
+    if device not in _POOLS:
+        _POOLS[device] = torch.cuda.graph_pool_handle()
+    return _POOLS[device]
 
 
 def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value,
@@ -106,11 +116,12 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
         write_step(warm, memory, lr, step_loss, clip_value, clip_norm)
         del warm
     torch.cuda.current_stream(memory.device).wait_stream(side)
+    pool = shared_pool(memory.device)
     pro_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(pro_graph):
+    with torch.cuda.graph(pro_graph, pool=pool):
         plan = prologue()
     step_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(step_graph, pool=pro_graph.pool()):
+    with torch.cuda.graph(step_graph, pool=pool):
         write_step(plan, memory, lr, step_loss, clip_value, clip_norm)
     memory.copy_(saved_memory)
     return GraphEntry(model_ref=weakref.ref(model), ids=ids, mask=mask, memory=memory, lr=lr,
