@@ -124,3 +124,15 @@ def test_first_order_on_graph_path():
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
     assert torch.allclose(start.grad, weights.sum(0, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_interleaved_entries_share_the_pool_safely():
+    model = model_on("llama", "cuda", **WIDE["llama"])
+    small = _batch(model, 2, 12, [12, 5], 4, seed=6)
+    large = _batch(model, 2, 200, [200, 77], 4, seed=7)
+    expected = {name: _call(model, b[2], b[0], b[1], 3, 0.4, False) for name, b in (("s", small), ("l", large))}
+    for name in ("s", "l", "s", "l"):
+        ids, mask, memory = small if name == "s" else large
+        out, losses = _call(model, memory, ids, mask, 3, 0.4, True)
+        assert rel_err(out, expected[name][0]) < 1e-5 and rel_err(losses, expected[name][1]) < 1e-5
+    assert graphs.CACHE.captures == 2
