@@ -2,11 +2,9 @@
 import warnings
 
 import pytest
-import torch
 
 import gradmem_fast.ops.attention as attention
 import gradmem_fast.ops.head_loss as head_loss
-
 from engine_cases import WIDE, write_both
 from helpers import rel_err
 
