@@ -35,7 +35,7 @@ def write(model, memory, input_ids, attention_mask=None, *, steps, lr, write_hea
     options = dict(steps=steps, lr=float(lr), write_head=head, memory_proj=memory_proj, clip_value=clip_value,
                    clip_norm=clip_norm, grad_mode=grad_mode, return_losses=return_losses)
     chosen = dispatch.choose_write_backend(backend, model, memory, write_head=head, memory_proj=memory_proj,
-                                           grad_mode=grad_mode)
+                                           grad_mode=grad_mode, seq_len=memory.shape[1] + input_ids.shape[1])
     if chosen == "fast":
         from .engine import fast_write
 

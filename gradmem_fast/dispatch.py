@@ -26,7 +26,7 @@ def requested_backend(backend):
     return backend
 
 
-def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode):
+def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
     """Why the fast engine cannot take this call: a list of strings, empty when it can."""
     reasons = []
     if grad_mode == "second":
@@ -38,19 +38,19 @@ def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode):
     if not hasattr(engine, "fast_reason"):
         return reasons + ["the fast engine is not built into this version"]
     reason = engine.fast_reason(model, memory, write_head=write_head, memory_proj=memory_proj,
-                                grad_mode=grad_mode)
+                                grad_mode=grad_mode, seq_len=seq_len)
     if reason is not None and reason not in reasons and not (grad_mode == "second" and "second" in reason):
         reasons.append(reason)
     return reasons
 
 
-def choose_write_backend(backend, model, memory, *, write_head, memory_proj, grad_mode):
-    """'fast' or 'reference' for this call."""
+def choose_write_backend(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+    """'fast' or 'reference' for this call. seq_len: memory rows + context tokens."""
     backend = requested_backend(backend)
     if backend == "reference":
         return "reference"
     reasons = fast_reasons(model, memory, write_head=write_head, memory_proj=memory_proj,
-                           grad_mode=grad_mode)
+                           grad_mode=grad_mode, seq_len=seq_len)
     if not reasons:
         return "fast"
     message = "; ".join(reasons)

@@ -69,3 +69,29 @@ def test_unsupported_model_falls_back(monkeypatch):
     with pytest.warns(UserWarning, match="falls back"):
         out = gradmem_fast.write(model, memory, ids, steps=1, lr=0.1)
     assert out.shape == (1, 2, 16) and torch.isfinite(out).all()
+
+
+def test_sliding_window_beyond_limit_falls_back(monkeypatch):
+    model = tiny_model("mistral", dtype=torch.float32, sliding_window=8)
+    ids, mask, memory = random_batch(model, 1, 10, m=2)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(UserWarning, match="exceeds the model's limit 8"):
+        out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1)
+    expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1)
+    assert torch.equal(out, expected)
+    with pytest.raises(gradmem_fast.BackendUnavailable, match="sliding window"):
+        gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, backend="fast")
+
+
+def test_auto_takes_fast_engine_without_warning(small, monkeypatch):
+    from gradmem_fast.engine import fast_write
+
+    model, ids, mask, memory = small
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's ops use their PyTorch twins here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.3)
+    expected = fast_write(model, memory.unsqueeze(0), ids, mask, steps=2, lr=0.3, write_head=None,
+                          memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
+                          return_losses=False)
+    assert torch.equal(out, expected)

@@ -14,8 +14,8 @@ OP_BACKENDS = ("auto", "kernel", "reference")
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def fast_reason(model, memory, *, write_head, memory_proj, grad_mode):
-    """None when fast_write can take this call, else why not (one string)."""
+def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+    """None when fast_write can take this call, else why not (one string). seq_len: m + T when known."""
     if grad_mode == "second":
         return "grad_mode='second' (full second order) is not supported by the fast engine"
     try:
@@ -32,6 +32,9 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode):
         return "the model's LM head has a bias, which the fused head loss does not take"
     if isinstance(memory, torch.Tensor) and memory.dtype not in MODEL_DTYPES + (torch.float64,):
         return f"memory dtype {memory.dtype} is not supported"
+    if seq_len is not None and spec.max_positions is not None and seq_len > spec.max_positions:
+        return (f"memory rows + tokens = {seq_len} exceeds the model's limit {spec.max_positions} (position "
+                "table or sliding window), which the fast engine does not cover")
     return None
 
 
