@@ -119,6 +119,10 @@ def context_attention_state_reference(q_ctx, k_ctx, v_ctx, ctx_lengths, scale):
     qh = _heads_first(q_ctx, acc)
     scores = (qh @ _expand_kv(k_ctx.to(acc), group).transpose(-1, -2) * scale).masked_fill(~mask, -math.inf)
     valid = mask.any(-1)
+    if T == 0:
+        B, _, Hq, D = q_ctx.shape
+        empty = q_ctx.new_zeros((B, Hq, 0), dtype=torch.float32)
+        return ContextState(q_ctx.new_zeros((B, 0, Hq, D), dtype=torch.float32), empty, empty.clone())
     row_max = torch.where(valid, scores.amax(-1), torch.zeros((), dtype=acc, device=q_ctx.device))
     e = torch.exp(scores - row_max[..., None])
     acc_out = (e @ _expand_kv(v_ctx.to(acc), group)).transpose(1, 2)
