@@ -5,6 +5,8 @@ Tensors are (B, S, H, D) with D contiguous; lse and delta are (B, Hq, S) float32
 Inside the kernels scores are in base 2 (q.k * scale * log2 e); lse is stored in natural log.
 Offsets within one sample are 32-bit (S * stride_s < 2**31); the batch offset is 64-bit.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,8 +24,12 @@ DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 
 
 def configs(shapes):
+    """Autotuning candidates. GRADMEM_FAST_AUTOTUNE=0 keeps only the one with the smallest tiles
+    (fits shared memory at every supported head dim and dtype): no tuning sweep, e.g. in quick checks."""
     if interpreter_on():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("GRADMEM_FAST_AUTOTUNE", "1") == "0":
+        shapes = [min(shapes, key=lambda s: s[0] * s[1] * s[3])]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 

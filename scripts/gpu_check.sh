@@ -9,6 +9,8 @@ set -u -o pipefail
 export PYTHONUNBUFFERED=1
 # No max-autotune anywhere (the compiled baseline uses reduce-overhead only).
 export TORCHINDUCTOR_MAX_AUTOTUNE=0 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=0
+# One Triton config per kernel (no autotuning sweep inside the check).
+export GRADMEM_FAST_AUTOTUNE=${GRADMEM_FAST_AUTOTUNE:-0}
 
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gradmem-gpu-check}

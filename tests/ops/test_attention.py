@@ -284,3 +284,14 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     for x, r in zip((o, lse, *grads), ref):
         assert torch.equal(x, r)
+
+
+def test_autotune_switch_keeps_one_config(monkeypatch):
+    from gradmem_fast.kernels import attention as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "1")
+    assert len(kernels.configs(kernels.FWD_SHAPES)) == len(kernels.FWD_SHAPES)
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "0")
+    (only,) = kernels.configs(kernels.DKDV_SHAPES)
+    assert (only.kwargs["BLOCK_M"], only.kwargs["BLOCK_N"], only.num_stages) == (32, 64, 3)
