@@ -79,9 +79,12 @@ _POOLS = {}
 
 
 def shared_pool(device):
-    """One memory pool per device for every captured graph: replays are serialised on one stream and
-    each graph writes its temporaries before reading them, so the cache costs the largest entry's
-    activations, not their sum. Tensors that outlive a capture (plans) stay allocated."""
+    """One memory pool per device shared by every captured *step* graph: a step graph keeps nothing
+    in the pool after it ends (memory and losses live in static buffers outside it), and replays are
+    serialised on one stream, so step temporaries may overlap and the cache costs the largest entry's
+    activations, not their sum. Prologue graphs get private pools: their outputs (the plan) outlive
+    the capture, and memory freed by an earlier step capture could otherwise be handed to a later
+    plan, which that earlier step's replay would then overwrite."""
     if device not in _POOLS:
         _POOLS[device] = torch.cuda.graph_pool_handle()
     return _POOLS[device]
@@ -116,12 +119,11 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
         write_step(warm, memory, lr, step_loss, clip_value, clip_norm)
         del warm
     torch.cuda.current_stream(memory.device).wait_stream(side)
-    pool = shared_pool(memory.device)
     pro_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(pro_graph, pool=pool):
+    with torch.cuda.graph(pro_graph):
         plan = prologue()
     step_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(step_graph, pool=pool):
+    with torch.cuda.graph(step_graph, pool=shared_pool(memory.device)):
         write_step(plan, memory, lr, step_loss, clip_value, clip_norm)
     memory.copy_(saved_memory)
     return GraphEntry(model_ref=weakref.ref(model), ids=ids, mask=mask, memory=memory, lr=lr,
