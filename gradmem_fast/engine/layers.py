@@ -31,6 +31,31 @@ def _qkv_backward(spec, layer, dq, dk, dv):
     return qkv_project_backward(spec, layer, dq, dk, dv, validate=False)
 
 
+def qkv_grad_buffers(spec, layer, q, k):
+    """(dy, (dq, dk, dv)) for a fused q/k/v projection, else (None, None).
+
+    dy (B, S, out) is laid out like the projection output and dq, dk, dv are views into it, so the
+    attention backward writes its gradients in place and the input gradient is one GEMM `dy W`,
+    with no (B, S, out) concatenation of dq, dk, dv in between.
+    """
+    if spec.qkv_layout not in ("concat", "per_head"):
+        return None, None
+    H, Hkv, hd = q.shape[2], k.shape[2], q.shape[3]
+    lead = q.shape[:2]
+    dy = torch.empty(*lead, layer.qkv.weight.shape[0], dtype=q.dtype, device=q.device)
+    if spec.qkv_layout == "concat":
+        dq, dk, dv = dy.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
+        return dy, (dq.unflatten(-1, (H, hd)), dk.unflatten(-1, (Hkv, hd)), dv.unflatten(-1, (Hkv, hd)))
+    return dy, tuple(dy.view(*lead, H, 3, hd).unbind(-2))
+
+
+def qkv_input_grad(spec, layer, dy, dq, dk, dv):
+    """Input gradient of the q/k/v projection (B, S, d); dy from qkv_grad_buffers or None."""
+    if dy is None:
+        return _qkv_backward(spec, layer, dq, dk, dv)
+    return torch.matmul(dy, layer.qkv.weight)
+
+
 # ------------------------------------------------------------------ MLP
 
 
@@ -76,11 +101,12 @@ def attention_block_forward(spec, ops, layer, a, lengths, rope):
 def attention_block_backward(spec, ops, layer, g, saved, lengths, rope):
     q, k, v, o, lse = saved
     do = linear_input_grad(g, layer.o).view(o.shape)
-    dq, dk, dv = ops.attention_backward(do, q, k, v, o, lse, lengths, spec.attn_scale)
+    dy, out = qkv_grad_buffers(spec, layer, q, k)
+    dq, dk, dv = ops.attention_backward(do, q, k, v, o, lse, lengths, spec.attn_scale, out=out)
     cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
     _rotate_(spec, ops, dq, cos, sin, inverse=True)
     _rotate_(spec, ops, dk, cos, sin, inverse=True)
-    return _qkv_backward(spec, layer, dq, dk, dv)
+    return qkv_input_grad(spec, layer, dy, dq, dk, dv)
 
 
 # ------------------------------------------------------------------ layer 0 constants
@@ -152,12 +178,13 @@ def layer0_backward(plan, g, saved):
         g_mem = g_attn[:, :m]
     q, k, v, o, lse = attn_saved
     do = linear_input_grad(g_attn, layer.o).view(o.shape)
+    dy, out = qkv_grad_buffers(spec, layer, q, k)
     dq, dk, dv = ops.memory_attention_backward(do, q, k, v, ctx.q_ctx, o, lse, plan.ctx_lengths,
-                                               spec.attn_scale)
+                                               spec.attn_scale, out=out)
     if plan.rope is not None:
         _rotate_(spec, ops, dq, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
         _rotate_(spec, ops, dk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
-    d_a = _qkv_backward(spec, layer, dq, dk, dv)
+    d_a = qkv_input_grad(spec, layer, dy, dq, dk, dv)
     g_mem = g_mem.contiguous()
     d_x = ops.add_norm_backward(d_a, g_mem, x_mem, layer.attn_norm, s1, spec.norm_kind)
     if spec.parallel_residual:

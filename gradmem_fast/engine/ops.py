@@ -23,9 +23,9 @@ class Ops:
         from ..ops.attention import attention_forward
         return attention_forward(q, k, v, lengths, scale, **self._kw())
 
-    def attention_backward(self, do, q, k, v, o, lse, lengths, scale):
+    def attention_backward(self, do, q, k, v, o, lse, lengths, scale, out=None):
         from ..ops.attention import attention_backward
-        return attention_backward(do, q, k, v, o, lse, lengths, scale, **self._kw())
+        return attention_backward(do, q, k, v, o, lse, lengths, scale, out=out, **self._kw())
 
     def context_attention_state(self, q, k, v, lengths, scale):
         from ..ops.attention import context_attention_state
@@ -35,9 +35,10 @@ class Ops:
         from ..ops.attention import memory_attention_forward
         return memory_attention_forward(q_mem, k_mem, v_mem, q_ctx, state, lengths, scale, **self._kw())
 
-    def memory_attention_backward(self, do, q_mem, k_mem, v_mem, q_ctx, o, lse, lengths, scale):
+    def memory_attention_backward(self, do, q_mem, k_mem, v_mem, q_ctx, o, lse, lengths, scale, out=None):
         from ..ops.attention import memory_attention_backward
-        return memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, lengths, scale, **self._kw())
+        return memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, lengths, scale, out=out,
+                                         **self._kw())
 
     def rotary_tables(self, rotary, positions):
         from ..ops.rotary import rotary_tables
