@@ -116,11 +116,12 @@ def attention_block_backward(spec, ops, layer, g, saved, lengths, rope):
 class Layer0Context:
     q_ctx: torch.Tensor  # (B, T, H, D) context queries, rotated
     state: Any  # context-over-context attention state (ops.attention)
-    mlp_ctx: Optional[torch.Tensor]  # (B, T, d) context rows' MLP output (parallel residual only)
+    rows: torch.Tensor  # (B, m + T, d) layer-0 input: context rows filled once, memory rows per step
+    mlp_rows: Optional[torch.Tensor]  # (B, m + T, d) MLP output, context rows filled once (parallel only)
 
 
-def layer0_context(spec, ops, x_ctx, ctx_lengths, ctx_tables):
-    """The layer-0 work on the context rows that no memory can change."""
+def layer0_context(spec, ops, x_ctx, ctx_lengths, ctx_tables, m):
+    """The layer-0 work on the context rows that no memory can change. x_ctx (B, T, d)."""
     layer = spec.layers[0]
     a_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.attn_norm, spec.norm_kind)
     q, k, v = _qkv(spec, layer, a_ctx)
@@ -129,11 +130,15 @@ def layer0_context(spec, ops, x_ctx, ctx_lengths, ctx_tables):
         _rotate_(spec, ops, q, cos, sin)
         _rotate_(spec, ops, k, cos, sin)
     state = ops.context_attention_state(q, k, v, ctx_lengths, spec.attn_scale)
-    mlp_ctx = None
+    B, T, d = x_ctx.shape
+    rows = x_ctx.new_empty(B, m + T, d)
+    rows[:, m:].copy_(x_ctx)
+    mlp_rows = None
     if spec.parallel_residual:
         b_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.mlp_norm, spec.norm_kind)
-        mlp_ctx, _ = mlp_forward(spec, ops, layer, b_ctx)
-    return Layer0Context(q_ctx=q, state=state, mlp_ctx=mlp_ctx)
+        mlp_rows = rows.new_empty(B, m + T, d)
+        mlp_rows[:, m:].copy_(mlp_forward(spec, ops, layer, b_ctx)[0])
+    return Layer0Context(q_ctx=q, state=state, rows=rows, mlp_rows=mlp_rows)
 
 
 # ------------------------------------------------------------------ layers
@@ -150,12 +155,15 @@ def layer0_forward(plan, x_mem):
         _rotate_(spec, ops, k, plan.rope.cos_mem, plan.rope.sin_mem)
     o, lse = ops.memory_attention_forward(q, k, v, ctx.q_ctx, ctx.state, plan.ctx_lengths, spec.attn_scale)
     attn_out = linear(o.flatten(2), layer.o)
-    x = torch.cat([x_mem, plan.x_ctx], dim=1)
+    # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
+    x = ctx.rows
+    x[:, :plan.m].copy_(x_mem)
     attn_saved = (q, k, v, o, lse)
     if spec.parallel_residual:
         b_mem, _, s2 = ops.add_norm_forward(x_mem, None, layer.mlp_norm, spec.norm_kind)
         mlp_mem, pre = mlp_forward(spec, ops, layer, b_mem)
-        pending = attn_out + torch.cat([mlp_mem, ctx.mlp_ctx], dim=1)
+        ctx.mlp_rows[:, :plan.m].copy_(mlp_mem)
+        pending = attn_out.add_(ctx.mlp_rows)
         return pending, x, (x_mem, s1, attn_saved, s2, pre)
     b, h2, s2 = ops.add_norm_forward(attn_out, x, layer.mlp_norm, spec.norm_kind)
     mlp_out, pre = mlp_forward(spec, ops, layer, b)

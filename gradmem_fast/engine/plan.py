@@ -21,6 +21,27 @@ class Rope:
 
 
 @dataclass
+class HeadRows:
+    """The rows that reach the head + loss op: R of the B*T positions, real ones first.
+
+    Row i of sample b (position p = b*T + i) is final-norm row b*S + m-1+i and predicts token i.
+    With B == 1 the real rows are already first (right padding), so pos/index are None and the
+    head reads and writes contiguous row ranges of the full buffers in place.
+    """
+    weight: torch.Tensor  # (V, d) model dtype
+    R: int
+    pos: Optional[torch.Tensor]  # (R,) int64 positions in [0, B*T)
+    index: Optional[torch.Tensor]  # (R,) int64 final-norm rows in [0, B*S)
+    targets: torch.Tensor  # (R,) int64
+    weights: torch.Tensor  # (R,) fp32
+    hidden: Optional[torch.Tensor]  # (R, d) gathered final-norm rows (B > 1)
+    loss_rows: torch.Tensor  # (R,) fp32 head output
+    grad_rows: torch.Tensor  # (R, d) head output
+    loss: torch.Tensor  # (B*T,) fp32 per-position loss, 0 where no head row writes
+    d_final: torch.Tensor  # (B*S, d) gradient of the final-norm output: zero outside the head rows
+
+
+@dataclass
 class Plan:
     spec: Any  # models.spec.ModelSpec
     ops: Any  # engine.ops.Ops
@@ -31,35 +52,73 @@ class Plan:
     memory_dtype: torch.dtype
     proj_weight: Optional[torch.Tensor]  # memory_proj (d, d) or None
     proj_bias: Optional[torch.Tensor]
-    head: torch.Tensor  # (V, d), model dtype
     ctx_lengths: torch.Tensor  # (B,) int32 real context tokens L_b
     full_lengths: torch.Tensor  # (B,) int32 m + L_b
     targets: torch.Tensor  # (B*T,) int64, 0 on padding
     row_weights: torch.Tensor  # (B*T,) fp32, 1/L_b on real rows, 0 on padding
     sample_weights: torch.Tensor  # (B, T) view of row_weights
-    x_ctx: torch.Tensor  # (B, T, d) context input embeddings (+ positions)
     pos_mem: Optional[torch.Tensor]  # (m, d) learned positions of the memory rows, or None
     rope: Optional[Rope]
     layer0: Layer0Context
-    loss_rows: torch.Tensor  # (B*T,) fp32 output buffer of the head
-    grad_rows: torch.Tensor  # (B*T, d) output buffer of the head
+    head: HeadRows
 
     @property
     def S(self):
         return self.m + self.T
 
 
-def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head=None, memory_proj=None):
-    """input_ids (B, T) int64, attention_mask (B, T) of 0/1 right padded. No host synchronisation."""
+def real_first(real, R):
+    """real (B*T,) bool -> the first R positions with the real ones first, each group in order (R,) int64.
+    Counting sort by cumulative sums: no host synchronisation, capturable."""
+    n = real.numel()
+    cum_real = torch.cumsum(real, 0)
+    dest = torch.where(real, cum_real - 1, cum_real[-1:] + torch.cumsum(~real, 0) - 1)
+    order = torch.empty(n, dtype=torch.int64, device=real.device)
+    order.scatter_(0, dest, torch.arange(n, device=real.device))
+    return order[:R]
+
+
+def head_rows(real, targets, row_weights, head, B, T, m, R):
+    S, d, device = m + T, head.shape[1], head.device
+    if B == 1:
+        pos = index = hidden = None
+        head_targets, head_weights = targets[:R], row_weights[:R]
+        loss = torch.zeros(T, dtype=torch.float32, device=device)
+        d_final = torch.zeros(S, d, dtype=head.dtype, device=device)
+        loss_rows, grad_rows = loss[:R], d_final[m - 1:m - 1 + R]
+    else:
+        pos = real_first(real.reshape(B * T), R)
+        index = pos // T * S + (pos % T + (m - 1))
+        head_targets, head_weights = targets[pos], row_weights[pos]
+        hidden = torch.empty(R, d, dtype=head.dtype, device=device)
+        loss = torch.zeros(B * T, dtype=torch.float32, device=device)
+        d_final = torch.zeros(B * S, d, dtype=head.dtype, device=device)
+        loss_rows = torch.empty(R, dtype=torch.float32, device=device)
+        grad_rows = torch.empty(R, d, dtype=head.dtype, device=device)
+    return HeadRows(weight=head, R=R, pos=pos, index=index, targets=head_targets, weights=head_weights,
+                    hidden=hidden, loss_rows=loss_rows, grad_rows=grad_rows, loss=loss, d_final=d_final)
+
+
+def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head=None, memory_proj=None,
+               head_rows_count=None):
+    """input_ids (B, T) int64, attention_mask (B, T) of 0/1 right padded. No host synchronisation.
+
+    head_rows_count: R, how many of the B*T positions reach the head (real ones first); it must be at
+    least the number of real tokens (sum of the mask), which is not checked. Default B*T.
+    """
     B, T = input_ids.shape
     device = input_ids.device
     dtype = spec.embedding.dtype
+    R = B * T if head_rows_count is None else int(head_rows_count)
+    if not 1 <= R <= B * T:
+        raise ValueError(f"head_rows_count must be in [1, B*T = {B * T}], got {head_rows_count}")
     mask = attention_mask.to(torch.int32)
     ctx_lengths = mask.sum(dim=1, dtype=torch.int32)
     full_lengths = ctx_lengths + m
     real = mask.bool()
     targets = torch.where(real, input_ids, torch.zeros_like(input_ids)).reshape(B * T)
     sample_weights = real.to(torch.float32) / ctx_lengths.to(torch.float32)[:, None]
+    row_weights = sample_weights.reshape(B * T)
     x_ctx = F.embedding(input_ids, spec.embedding)
     pos_mem = None
     if spec.position_embedding is not None:
@@ -80,11 +139,8 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     proj_weight = proj_bias = None
     if memory_proj is not None:
         proj_weight, proj_bias = memory_proj.weight, memory_proj.bias
-    layer0 = layer0_context(spec, ops, x_ctx, ctx_lengths, ctx_tables)
-    d = spec.hidden_size
+    layer0 = layer0_context(spec, ops, x_ctx, ctx_lengths, ctx_tables, m)
     return Plan(spec=spec, ops=ops, B=B, T=T, m=m, dtype=dtype, memory_dtype=memory_dtype,
-                proj_weight=proj_weight, proj_bias=proj_bias, head=head, ctx_lengths=ctx_lengths,
-                full_lengths=full_lengths, targets=targets, row_weights=sample_weights.reshape(B * T),
-                sample_weights=sample_weights, x_ctx=x_ctx, pos_mem=pos_mem, rope=rope, layer0=layer0,
-                loss_rows=torch.empty(B * T, dtype=torch.float32, device=device),
-                grad_rows=torch.empty(B * T, d, dtype=dtype, device=device))
+                proj_weight=proj_weight, proj_bias=proj_bias, ctx_lengths=ctx_lengths, full_lengths=full_lengths,
+                targets=targets, row_weights=row_weights, sample_weights=sample_weights, pos_mem=pos_mem,
+                rope=rope, layer0=layer0, head=head_rows(real, targets, row_weights, head, B, T, m, R))

@@ -32,14 +32,19 @@ def forward_backward(plan, memory, step_loss):
         pending, h, s = layer_forward(plan, layer, pending, h)
         saved.append(s)
     y, h_final, s_final = ops.add_norm_forward(pending, h, spec.final_norm, spec.norm_kind)
-    # position m-1+i predicts context token i
-    rows = y[:, m - 1:m - 1 + T].reshape(plan.B * T, -1)
-    loss_rows, grad_rows = ops.head_loss(rows, plan.head, plan.targets, plan.row_weights, plan.loss_rows,
-                                         plan.grad_rows)
-    torch.sum(loss_rows.view(plan.B, T) * plan.sample_weights, dim=1, out=step_loss)
-    dy = torch.zeros_like(y)
-    dy[:, m - 1:m - 1 + T] = grad_rows.view(plan.B, T, -1)
-    g = ops.add_norm_backward(dy, None, h_final, spec.final_norm, s_final, spec.norm_kind)
+    head = plan.head
+    if head.index is None:  # B == 1: rows m-1 .. m-2+R, contiguous
+        hidden = y.view(-1, y.shape[-1])[m - 1:m - 1 + head.R]
+    else:
+        hidden = torch.index_select(y.view(-1, y.shape[-1]), 0, head.index, out=head.hidden)
+    ops.head_loss(hidden, head.weight, head.targets, head.weights, head.loss_rows, head.grad_rows)
+    if head.index is not None:
+        # every other row of d_final stays zero for the whole write: no per-step clearing
+        head.loss.index_copy_(0, head.pos, head.loss_rows)
+        head.d_final.index_copy_(0, head.index, head.grad_rows)
+    torch.sum(head.loss.view(plan.B, T) * plan.sample_weights, dim=1, out=step_loss)
+    g = ops.add_norm_backward(head.d_final.view(y.shape), None, h_final, spec.final_norm, s_final,
+                              spec.norm_kind)
     for layer, s in zip(reversed(spec.layers[1:]), reversed(saved)):
         g = layer_backward(plan, layer, g, s)
     return memory_in_backward(plan, layer0_backward(plan, g, saved0))
