@@ -142,7 +142,7 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
         b_inv_s = 1.0 / (b_s_nt + tl.exp(b_zt - b_m))
         m_t = m_n & b_live & (b_t >= 0) & (b_t < V)
         # a clamp keeps the target pointers in range (the loads are masked by m_t); a tl.where on
-        # m_t here breaks Triton 3.6's layout pass (RemoveLayoutConversions) for 16-bit inputs
+        # m_t here breaks Triton 3.6's layout pass (RemoveLayoutConversions) at every dtype
         b_t64 = tl.minimum(tl.maximum(b_t, 0), V - 1).to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
             m_dd = d0 + o_d < D
