@@ -35,7 +35,8 @@ step() {  # step NAME CAP LOG COMMAND...: run under timeout, output to LOG and s
         return 1
     fi
     echo "== $name (at most ${limit}s)"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+    # SIGINT first: pytest then stops like on Ctrl-C and still writes its summary and junit xml.
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
     local rc=$?
     echo "== $name: exit $rc after $(($(date +%s) - START))s total" | tee -a "$log"
     [ "$rc" -eq 0 ] || status=1
