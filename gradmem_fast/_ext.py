@@ -10,6 +10,7 @@ import functools
 import glob
 import importlib
 import os
+import warnings
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
@@ -63,6 +64,9 @@ def cuda_op_reason(*tensors):
     return reason()
 
 
+_warned = set()
+
+
 def use_kernel(backend, op, *tensors, why=None):
     """Whether `op` runs its csrc kernel on these tensors under `backend`; `why` is an op-specific
     reason (dtype mix, shape) the kernel cannot take the call, or None.
@@ -86,4 +90,8 @@ def use_kernel(backend, op, *tensors, why=None):
         return True
     if backend == "kernel":
         raise RuntimeError(f"{op}: the csrc kernel cannot run: {why}")
+    on_cuda = any(t is not None and t.device.type == "cuda" for t in tensors)
+    if on_cuda and (op, why) not in _warned:  # CPU tensors take the twins by design: no warning
+        _warned.add((op, why))
+        warnings.warn(f"{op}: the csrc kernel cannot run ({why}); using the PyTorch twin", stacklevel=3)
     return False

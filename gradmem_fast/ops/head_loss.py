@@ -12,6 +12,8 @@ so grad_hidden is the gradient of sum_i w_i * loss_i with respect to hidden. The
 gradient. Rows with w_i == 0 give loss 0 and gradient 0 whatever their hidden values and targets
 (their targets need not be in [0, V)). See head_loss.md for the derivation and the kernels.
 """
+import warnings
+
 import torch
 
 from .._triton import interpreter_on, triton_reason
@@ -127,6 +129,9 @@ def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
                              f"on a row with nonzero weight")
 
 
+_warned = set()
+
+
 def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad_out=None, backend="auto",
                     validate=True):
     """Per-row cross-entropy of the head `weight` on `hidden`, and its gradient with respect to hidden.
@@ -157,6 +162,10 @@ def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad
             return loss, grad
         if backend == "kernel":
             raise RuntimeError(f"fused_head_loss backend='kernel' cannot run: {reason}")
+        if hidden.device.type == "cuda" and reason not in _warned:  # CPU takes the twin by design
+            _warned.add(reason)
+            warnings.warn(f"fused_head_loss: the Triton kernels cannot run ({reason}); using the PyTorch twin",
+                          stacklevel=2)
     return fused_head_loss_reference(hidden, weight, targets, row_weights, loss_out=loss_out, grad_out=grad_out)
 
 
