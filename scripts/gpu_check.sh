@@ -63,7 +63,9 @@ export MAX_JOBS=${MAX_JOBS:-16}
 } | tee "$OUT/install.log"
 
 step install 200 "$OUT/install.log" \
-    python -m pip install --no-build-isolation --no-deps --no-index -e .
+    python -m pip install --use-pep517 --no-build-isolation --no-deps --no-index -e .
+step import-check 60 "$OUT/install.log" \
+    python -c "import gradmem_fast.kernels.head_loss, gradmem_fast.kernels.attention, gradmem_fast._ext as e; print('kernels import; csrc:', e.reason() or 'built')"
 step gpu-tests 150 "$OUT/gpu-tests.log" \
     python -m pytest -m gpu -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install -q "torch==2.14.1" "transformers>=5.17" pytest pytest-benchmark ninja setuptools
+python -m pip install -q "torch==2.14.1" "transformers>=5.17" pytest pytest-benchmark ninja "setuptools>=64"
 # CUDA_HOME must be the toolkit root holding bin/nvcc and lib64/libcudart (torch's guess from the
 # nvcc on PATH can be wrong and then fails to link cudart).
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
@@ -16,5 +16,7 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
     done
 fi
 export MAX_JOBS="${MAX_JOBS:-2}"
-python -m pip install -q --no-build-isolation --no-deps -e .
+# --use-pep517: the setuptools editable install (PEP 660) maps kernels/ to gradmem_fast.kernels; the
+# legacy `setup.py develop` that older pips pick when `wheel` is installed would not.
+python -m pip install -q --use-pep517 --no-build-isolation --no-deps -e .
 python -c "import gradmem_fast, gradmem_fast._ext as e; print('gradmem_fast', gradmem_fast.__version__, '| csrc:', e.reason() or 'built')"
