@@ -27,11 +27,10 @@ def write(model, memory, input_ids, attention_mask=None, *, steps, lr, write_hea
     Returns the written memory (B, m, d) in the memory's dtype; with return_losses=True also a (B, K)
     float32 tensor of sample b's inner loss at M_0 ... M_{K-1}.
     """
-    validation.check_options(steps, lr, clip_value, clip_norm, grad_mode, backend)
-    mask = validation.check_ids_and_mask(model, input_ids, attention_mask, validation.memory_rows(memory))
-    memory = validation.check_memory(model, memory, input_ids.shape[0])
-    head = validation.check_write_head(model, write_head)
-    validation.check_memory_proj(model, memory_proj)
+    memory, mask, head = validation.check_write(
+        model, memory, input_ids, attention_mask, steps=steps, lr=lr, write_head=write_head,
+        memory_proj=memory_proj, clip_value=clip_value, clip_norm=clip_norm, grad_mode=grad_mode,
+        backend=backend)
     options = dict(steps=steps, lr=float(lr), write_head=head, memory_proj=memory_proj, clip_value=clip_value,
                    clip_norm=clip_norm, grad_mode=grad_mode, return_losses=return_losses)
     chosen = dispatch.choose_write_backend(backend, model, memory, write_head=head, memory_proj=memory_proj,

@@ -157,3 +157,14 @@ def check_options(steps, lr, clip_value, clip_norm, grad_mode, backend=None):
         raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {GRAD_MODES}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def check_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
+                clip_norm, grad_mode, backend=None):
+    """Every check of a write call. Returns (memory (1 or B, m, d), mask (B, T), write-head weight or None)."""
+    check_options(steps, lr, clip_value, clip_norm, grad_mode, backend)
+    mask = check_ids_and_mask(model, input_ids, attention_mask, memory_rows(memory))
+    memory = check_memory(model, memory, input_ids.shape[0])
+    head = check_write_head(model, write_head)
+    check_memory_proj(model, memory_proj)
+    return memory, mask, head

@@ -19,11 +19,9 @@ def clip_gradient(grad, clip_value=None, clip_norm=None):
 def write(model, memory, input_ids, attention_mask=None, *, steps, lr, write_head=None, memory_proj=None,
           clip_value=None, clip_norm=None, grad_mode="none", return_losses=False):
     """K = `steps` gradient steps on the memory; see gradmem_fast.write for the full contract."""
-    validation.check_options(steps, lr, clip_value, clip_norm, grad_mode)
-    mask = validation.check_ids_and_mask(model, input_ids, attention_mask, validation.memory_rows(memory))
-    memory = validation.check_memory(model, memory, input_ids.shape[0])
-    head = validation.check_write_head(model, write_head)
-    validation.check_memory_proj(model, memory_proj)
+    memory, mask, head = validation.check_write(
+        model, memory, input_ids, attention_mask, steps=steps, lr=lr, write_head=write_head,
+        memory_proj=memory_proj, clip_value=clip_value, clip_norm=clip_norm, grad_mode=grad_mode)
     return write_unchecked(model, memory, input_ids, mask, steps=steps, lr=float(lr), write_head=head,
                            memory_proj=memory_proj, clip_value=clip_value, clip_norm=clip_norm,
                            grad_mode=grad_mode, return_losses=return_losses)

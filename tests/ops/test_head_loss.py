@@ -67,6 +67,18 @@ def plain_torch(hidden, weight, targets, row_weights):
 def live_rel_err(x, ref, live):
     return rel_err(x[live], ref[live])
 
+def assert_accuracy(loss, grad, loss_ref, grad_ref, live, inputs, rtol, ratio):
+    """fp32: relative error under rtol; half precision: within `ratio` x the plain torch error."""
+    err_loss = live_rel_err(loss, loss_ref, live)
+    err_grad = rel_err(grad, grad_ref)
+    if rtol is not None:
+        assert err_loss < rtol and err_grad < rtol, (err_loss, err_grad)
+    else:
+        plain_loss, plain_grad = plain_torch(*inputs)
+        assert err_loss <= ratio * live_rel_err(plain_loss, loss_ref, live), err_loss
+        assert err_grad <= ratio * rel_err(plain_grad, grad_ref), err_grad
+
+
 
 @pytest.mark.parametrize("dtype, rtol, ratio", [(torch.float32, 1e-5, None), (torch.float16, None, 2.0)])
 @pytest.mark.parametrize("N, V, d", SHAPES)
@@ -78,15 +90,8 @@ def test_matches_float64(impl, N, V, d, dtype, rtol, ratio):
         else run_impl(impl, hidden, weight, targets, row_weights)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     live = row_weights != 0
-    err_loss = live_rel_err(loss, loss_ref, live)
-    err_grad = rel_err(grad, grad_ref)
     assert (loss[~live] == 0).all() and (grad[~live] == 0).all()
-    if rtol is not None:
-        assert err_loss < rtol and err_grad < rtol, (err_loss, err_grad)
-    else:
-        plain_loss, plain_grad = plain_torch(hidden, weight, targets, row_weights)
-        assert err_loss <= ratio * live_rel_err(plain_loss, loss_ref, live), err_loss
-        assert err_grad <= ratio * rel_err(plain_grad, grad_ref), err_grad
+    assert_accuracy(loss, grad, loss_ref, grad_ref, live, (hidden, weight, targets, row_weights), rtol, ratio)
 
 
 @pytest.mark.parametrize("dtype, rtol, ratio", [(torch.float32, 1e-5, None), (torch.float16, None, 2.0)])
@@ -101,14 +106,7 @@ def test_confident_rows(impl, dtype, rtol, ratio):
     live = row_weights != 0
     assert loss_ref[live].max() < 1e-2  # the regime this test is about
     loss, grad = run_impl(impl, hidden, weight, targets, row_weights)
-    err_loss = live_rel_err(loss, loss_ref, live)
-    err_grad = rel_err(grad, grad_ref)
-    if rtol is not None:
-        assert err_loss < rtol and err_grad < rtol, (err_loss, err_grad)
-    else:
-        plain_loss, plain_grad = plain_torch(hidden, weight, targets, row_weights)
-        assert err_loss <= ratio * live_rel_err(plain_loss, loss_ref, live), err_loss
-        assert err_grad <= ratio * rel_err(plain_grad, grad_ref), err_grad
+    assert_accuracy(loss, grad, loss_ref, grad_ref, live, (hidden, weight, targets, row_weights), rtol, ratio)
 
 
 def test_reference_matches_autograd():
