@@ -24,7 +24,8 @@ def _parser():
     p.add_argument("--batch", type=int, help="override B of every selected case (smoke runs)")
     p.add_argument("--context", type=int, help="override T of every selected case (smoke runs)")
     p.add_argument("--out-dir", default=DEFAULT_OUT, help=f"where JSON and PNG go (default {DEFAULT_OUT})")
-    p.add_argument("--gpu-tests", metavar="FILE", help="pytest junit xml or summary to fill gpu_tests")
+    p.add_argument("--gpu-tests", metavar="FILE", nargs="+",
+                   help="pytest junit xml files or summaries whose counts, summed, fill gpu_tests")
     p.add_argument("--plot", metavar="FILE.json", help="only draw the PNG of an existing result JSON")
     p.add_argument("--png", metavar="FILE.png", help="PNG path (default: beside the JSON)")
     return p
@@ -74,7 +75,7 @@ def main(argv=None):
         return 1
     try:
         case_list = _select(args, is_cuda)
-        gpu_tests = report.read_gpu_tests(args.gpu_tests) if args.gpu_tests else None
+        gpu_tests = report.sum_gpu_tests(args.gpu_tests) if args.gpu_tests else None
     except (ValueError, OSError) as exc:
         print(str(exc), file=sys.stderr)
         return 2

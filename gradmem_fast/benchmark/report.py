@@ -109,3 +109,12 @@ def read_gpu_tests(path):
         elif word != "deselected":
             counts["failed"] += int(number)
     return counts
+
+
+def sum_gpu_tests(paths):
+    """read_gpu_tests over several files (one per parallel pytest run), counts summed."""
+    total = {"passed": 0, "failed": 0, "skipped": 0}
+    for path in paths:
+        for key, value in read_gpu_tests(path).items():
+            total[key] += value
+    return total

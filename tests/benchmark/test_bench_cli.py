@@ -89,6 +89,9 @@ def test_gpu_tests_from_a_summary_line(tmp_path):
     path = tmp_path / "summary.txt"
     path.write_text("collected 20 items\n== 7 passed, 1 failed, 2 skipped, 10 deselected, 1 error in 3.1s ==\n")
     assert report.read_gpu_tests(str(path)) == {"passed": 7, "failed": 2, "skipped": 2}
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT)
+    assert report.sum_gpu_tests([str(path), str(junit)]) == {"passed": 18, "failed": 5, "skipped": 5}
     path.write_text("nothing ran\n")
     with pytest.raises(ValueError, match="summary"):
         report.read_gpu_tests(str(path))
