@@ -1,11 +1,11 @@
-// Registers the csrc kernels as torch custom ops (torch.ops.gradmem_fast.*), CUDA only.
+// Registers the csrc kernels as torch custom ops (torch.ops.gradmem_fast.*), CUDA only (see ops.h).
 // Importing gradmem_fast._C runs the registration; the module itself is empty.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "ops.h"
 
-TORCH_LIBRARY(gradmem_fast, m) {
+TORCH_LIBRARY(GM_OPS_NAMESPACE, m) {
   m.def("add_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms, "
         "Tensor(a!) y, Tensor(b!) residual_out, Tensor(c!) stats) -> ()");
   m.def("add_norm_bwd(Tensor dy, Tensor? d_residual_out, Tensor residual_out, Tensor weight, Tensor stats, "
@@ -20,7 +20,7 @@ TORCH_LIBRARY(gradmem_fast, m) {
   m.def("memory_update_(Tensor(a!) memory, Tensor grad, Tensor lr, float clip_value, float clip_norm) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(gradmem_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(GM_OPS_NAMESPACE, GM_DISPATCH_KEY, m) {
   m.impl("add_norm_fwd", &gradmem::add_norm_fwd);
   m.impl("add_norm_bwd", &gradmem::add_norm_bwd);
   m.impl("rotary_tables", &gradmem::rotary_tables);

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "ops.h"
+
 namespace gradmem {
 
 // The kernels take the three training dtypes; float64 goes to the PyTorch twins.
@@ -19,7 +21,8 @@ namespace gradmem {
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device().type() == kOpsDevice, name, " must be a ", c10::DeviceTypeName(kOpsDevice),
+              " tensor, got device ", t.device());
 }
 
 inline void check_contiguous(const at::Tensor& t, const char* name) {

@@ -6,7 +6,19 @@
 
 #include <optional>
 
+// The ops take CUDA tensors and are registered as torch.ops.gradmem_fast. The CPU emulation build
+// of these kernels (tests/csrc_emulation) defines GM_EMULATED_ON_CPU: CPU tensors, torch.ops.gradmem_fast_emu.
+#ifdef GM_EMULATED_ON_CPU
+#define GM_OPS_NAMESPACE gradmem_fast_emu
+#define GM_DISPATCH_KEY CPU
+#else
+#define GM_OPS_NAMESPACE gradmem_fast
+#define GM_DISPATCH_KEY CUDA
+#endif
+
 namespace gradmem {
+
+constexpr c10::DeviceType kOpsDevice = c10::DeviceType::GM_DISPATCH_KEY;
 
 void add_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, double eps, bool rms, const at::Tensor& y,
