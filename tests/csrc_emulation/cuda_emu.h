@@ -5,12 +5,16 @@
 // `gm_emu::launch(grid, block, smem, stream)(kernel, args)`.
 //
 // Model: every CUDA thread of a block is a fiber (ucontext) with its own stack, all on the calling
-// OS thread. Fibers run until they finish or wait at a barrier; __syncthreads() waits for the whole
-// block, each warp shuffle for its 32 lanes (values pass through a per-warp exchange slot between
-// two warp barriers). The grid's blocks run one after another, so `__shared__` is `static`.
-// Scheduling is deterministic. A barrier some threads never reach (a divergent __syncthreads, an
-// early return) is reported as a deadlock instead of hanging. Launch limits (block <= 1024 threads,
-// grid dims) and full warps for shuffles are checked.
+// OS thread. __syncthreads() waits for the whole block, each warp shuffle for its 32 lanes (values
+// pass through a per-warp exchange slot between two warp barriers). The scheduler runs a ready
+// fiber until it finishes or waits at a barrier. It draws a random priority order of the warps per
+// block and mostly picks a fiber of the first warp that has one ready, else of a random warp, so
+// warps run far ahead of one another in varying orders: a missing __syncthreads between a
+// shared-memory write and another warp's read shows up as wrong results. The draws are seeded
+// (GM_EMU_SEED, default 0, plus a launch counter), so a run is reproducible. The grid's blocks run one after another, so `__shared__` is `static`.
+// A barrier some threads never reach (a divergent __syncthreads, an early return) is reported as a
+// deadlock instead of hanging. Launch limits (block <= 1024 threads, grid dims) and full warps for
+// shuffles are checked.
 //
 // Limits: this checks the kernels' logic (indexing, vector widths, tails, reductions, launch
 // configuration), not the hardware. It cannot show races that need real concurrency, the GPU
@@ -21,14 +25,17 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -68,27 +75,31 @@ namespace gm_emu {
 constexpr int kWarp = 32;
 constexpr std::size_t kStackBytes = 64 * 1024;
 
+struct Fiber;
+
 struct Barrier {
   int expected = 0;
-  int arrived = 0;
-  unsigned generation = 0;
+  std::vector<Fiber*> waiting;
 };
 
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
   uint3 tid{0, 0, 0};
+  int warp = 0;
   bool done = false;
 };
 
 struct Block {
   std::vector<Fiber> fibers;
+  std::vector<std::vector<Fiber*>> ready;  // by warp
+  std::size_t num_ready = 0;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<std::uint64_t> exchange;  // one 8-byte slot per thread, indexed by linear thread id
   ucontext_t scheduler;
   Fiber* current = nullptr;
-  long progress = 0;  // barriers passed and fibers finished; unchanged over a round means deadlock
+  std::mt19937 rng;
   std::exception_ptr error;
   std::function<void()> body;
 };
@@ -100,23 +111,17 @@ inline Block*& current_block() {
 
 inline int linear_tid() { return static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
 
-// Back to the scheduler; it resumes this fiber on a later round.
-inline void yield_to_scheduler() {
-  Block* b = current_block();
-  swapcontext(&b->current->ctx, &b->scheduler);
-}
-
+// The last thread to arrive releases the others (ready again) and goes on; the others wait.
 inline void arrive_and_wait(Barrier& bar) {
   Block* b = current_block();
-  const unsigned generation = bar.generation;
-  if (++bar.arrived == bar.expected) {
-    bar.arrived = 0;
-    ++bar.generation;
-    ++b->progress;
+  if (static_cast<int>(bar.waiting.size()) + 1 == bar.expected) {
+    for (Fiber* f : bar.waiting) b->ready[f->warp].push_back(f);
+    b->num_ready += bar.waiting.size();
+    bar.waiting.clear();
     return;
   }
-  while (bar.generation == generation) yield_to_scheduler();
-  ++b->progress;
+  bar.waiting.push_back(b->current);
+  swapcontext(&b->current->ctx, &b->scheduler);
 }
 
 inline void fiber_entry() {
@@ -127,7 +132,6 @@ inline void fiber_entry() {
     if (!b->error) b->error = std::current_exception();
   }
   b->current->done = true;
-  ++b->progress;
   // returning resumes uc_link, the scheduler
 }
 
@@ -157,30 +161,63 @@ T shuffle(unsigned mask, T v, int src) {
   return out;
 }
 
-// Runs every fiber round-robin until all finish.
-inline void run_block(Block& b) {
-  for (;;) {
-    bool all_done = true;
-    const long before = b.progress;
-    for (Fiber& f : b.fibers) {
-      if (f.done) continue;
-      b.current = &f;
-      threadIdx = f.tid;
-      swapcontext(&b.scheduler, &f.ctx);
-      all_done = all_done && f.done;
-    }
-    if (all_done) return;
-    if (b.progress == before) {
-      if (b.error) std::rethrow_exception(b.error);
-      int waiting = 0;
-      for (const Fiber& f : b.fibers) waiting += !f.done;
-      throw std::runtime_error("cuda_emu: deadlock in block (" + std::to_string(blockIdx.x) + ", " +
-                               std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) + "): " +
-                               std::to_string(waiting) + " of " + std::to_string(b.fibers.size()) +
-                               " threads wait at a barrier the others never reach");
-    }
+inline Fiber* pick_ready(Block& b, const std::vector<int>& warp_order) {
+  std::size_t warp = 0;
+  if (std::uniform_int_distribution<int>(0, 3)(b.rng) > 0) {
+    for (int w : warp_order)
+      if (!b.ready[w].empty()) {
+        warp = w;
+        break;
+      }
+  } else {
+    std::size_t k = std::uniform_int_distribution<std::size_t>(0, b.num_ready - 1)(b.rng);
+    while (k >= b.ready[warp].size()) k -= b.ready[warp++].size();
   }
+  std::vector<Fiber*>& r = b.ready[warp];
+  const std::size_t i = std::uniform_int_distribution<std::size_t>(0, r.size() - 1)(b.rng);
+  Fiber* f = r[i];
+  r[i] = r.back();
+  r.pop_back();
+  --b.num_ready;
+  return f;
 }
+
+// Runs ready fibers, one at a time until it finishes or waits, until none is ready.
+inline void run_block(Block& b) {
+  std::vector<int> warp_order(b.ready.size());
+  for (std::size_t w = 0; w < warp_order.size(); ++w) warp_order[w] = static_cast<int>(w);
+  std::shuffle(warp_order.begin(), warp_order.end(), b.rng);
+  for (Fiber& f : b.fibers) b.ready[f.warp].push_back(&f);
+  b.num_ready = b.fibers.size();
+  while (b.num_ready > 0) {
+    Fiber* f = pick_ready(b, warp_order);
+    b.current = f;
+    threadIdx = f->tid;
+    swapcontext(&b.scheduler, &f->ctx);
+  }
+  if (b.error) std::rethrow_exception(b.error);
+  int waiting = 0;
+  for (const Fiber& f : b.fibers) waiting += !f.done;
+  if (waiting > 0)
+    throw std::runtime_error("cuda_emu: deadlock in block (" + std::to_string(blockIdx.x) + ", " +
+                             std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) + "): " +
+                             std::to_string(waiting) + " of " + std::to_string(b.fibers.size()) +
+                             " threads wait at a barrier the others never reach");
+}
+
+struct SeedState {
+  std::uint64_t base = std::getenv("GM_EMU_SEED") ? std::strtoull(std::getenv("GM_EMU_SEED"), nullptr, 10) : 0;
+  std::uint64_t launches = 0;
+};
+
+inline SeedState& seed_state() {
+  static SeedState state;
+  return state;
+}
+
+// Launch k of a process schedules with seed base + k; reseed() restarts the count.
+inline void reseed(std::uint64_t base) { seed_state() = SeedState{base, 0}; }
+inline std::uint64_t next_launch_seed() { return seed_state().base + seed_state().launches++; }
 
 inline std::mutex& launch_mutex() {
   static std::mutex m;
@@ -204,6 +241,7 @@ struct Launch {
 
     std::lock_guard<std::mutex> lock(launch_mutex());
     Block b;
+    b.rng.seed(next_launch_seed());
     b.body = [&] { kernel(args...); };
     b.fibers.resize(threads);
     for (Fiber& f : b.fibers) f.stack.reset(new char[kStackBytes]);
@@ -212,6 +250,7 @@ struct Launch {
     for (std::size_t w = 0; w < b.warp_barriers.size(); ++w)
       b.warp_barriers[w].expected = static_cast<int>(std::min<std::uint64_t>(kWarp, threads - w * kWarp));
     b.exchange.assign(b.warp_barriers.size() * kWarp, 0);
+    b.ready.resize(b.warp_barriers.size());
     current_block() = &b;
     gridDim = grid;
     blockDim = block;
@@ -226,6 +265,7 @@ struct Launch {
                 for (unsigned tx = 0; tx < block.x; ++tx, ++t) {
                   Fiber& f = b.fibers[t];
                   f.tid = {tx, ty, tz};
+                  f.warp = static_cast<int>(t / kWarp);
                   f.done = false;
                   getcontext(&f.ctx);
                   f.ctx.uc_stack.ss_sp = f.stack.get();
@@ -234,7 +274,6 @@ struct Launch {
                   makecontext(&f.ctx, fiber_entry, 0);
                 }
             run_block(b);
-            if (b.error) std::rethrow_exception(b.error);
           }
     } catch (...) {
       current_block() = nullptr;

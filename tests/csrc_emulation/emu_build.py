@@ -6,6 +6,7 @@ Each csrc/*.cu is copied to the build folder as a .cpp with its launches
 cuda_emu.h force-included, include/ (stand-ins for the c10/cuda headers) searched first and
 GM_EMULATED_ON_CPU defined, so the ops take CPU tensors and are registered as
 torch.ops.gradmem_fast_emu.*, never clashing with the real extension's torch.ops.gradmem_fast.*.
+selftest.cu, built alongside, holds kernels that check the emulator itself (torch.ops.gradmem_fast_emu_test).
 
 This is a logic check, not a hardware check: see cuda_emu.h for what it cannot see.
 """
@@ -55,6 +56,11 @@ def _write_if_changed(path, text):
         f.write(text)
 
 
+def sources():
+    """The CUDA sources the emulated build compiles: csrc/*.cu and the emulator's own test kernels."""
+    return sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + [os.path.join(HERE, "selftest.cu")]
+
+
 def build(verbose=False):
     """Compiles (incrementally) and loads the emulated ops; returns torch.ops.gradmem_fast_emu."""
     import torch
@@ -63,8 +69,8 @@ def build(verbose=False):
     out = build_dir()
     src = os.path.join(out, "src")
     os.makedirs(src, exist_ok=True)
-    sources = []
-    for path in sorted(glob.glob(os.path.join(CSRC, "*.cu"))):
+    compiled = []
+    for path in sources():
         with open(path) as f:
             text = f.read()
         text, n = rewrite_launches(text)
@@ -72,11 +78,11 @@ def build(verbose=False):
             raise RuntimeError(f"{path}: a kernel launch the emulator's rewrite does not recognise")
         target = os.path.join(src, os.path.basename(path)[:-3] + ".cpp")
         _write_if_changed(target, f'#line 1 "{path}"\n' + text)
-        sources.append(target)
-    sources += sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+        compiled.append(target)
+    compiled += sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     load(
         name=NAME,
-        sources=sources,
+        sources=compiled,
         extra_include_paths=[os.path.join(HERE, "include"), CSRC],
         extra_cflags=["-O1", "-include", os.path.join(HERE, "cuda_emu.h"), "-DGM_EMULATED_ON_CPU",
                       "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
