@@ -3,7 +3,9 @@ their host launchers (no autograd here; see gradmem_fast/ops/attention.py and at
 
 Tensors are (B, S, H, D) with D contiguous; lse and delta are (B, Hq, S) float32 with S contiguous.
 Inside the kernels scores are in base 2 (q.k * scale * log2 e); lse is stored in natural log.
-Offsets within one sample are 32-bit (S * stride_s < 2**31); the batch offset is 64-bit.
+Offsets within one sample are 32-bit (the launchers check that each sample spans < 2**31 elements);
+the batch offset is 64-bit. Grids are (blocks along S, B * heads); the launchers split the batch
+so that the second dimension stays within CUDA's 65535.
 """
 import os
 
@@ -12,30 +14,57 @@ import triton
 import triton.language as tl
 
 from .._triton import interpreter_on
+from .precision import dot_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_GRID_Y = 65535
+# the kernels address one sample of one tensor with 32-bit offsets
+MAX_SAMPLE_SPAN = 2 ** 31
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N of the dK/dV kernel is a multiple of its BLOCK_M.
-FWD_SHAPES = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-DKDV_SHAPES = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)]
-DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
+DKDV_SHAPES = [(32, 64, 4, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 64, 4, 3)]
+DQ_SHAPES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+
+# The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): the largest
+# tiles without register spills on sm_90 (scripts/compile_kernels.py --autotune 0 lists them).
+DEFAULT_SHAPES = {
+    "fwd": {(False, 16): (128, 64, 8, 3), (False, 32): (128, 64, 8, 3), (False, 64): (128, 64, 8, 3),
+            (False, 128): (128, 64, 8, 3),
+            (True, 16): (64, 64, 4, 3), (True, 32): (64, 64, 4, 3), (True, 64): (64, 32, 4, 3),
+            (True, 128): (64, 32, 8, 2)},
+    "dkdv": {(False, 16): (32, 64, 4, 3), (False, 32): (32, 64, 4, 3), (False, 64): (32, 64, 4, 3),
+             (False, 128): (32, 64, 4, 2),
+             (True, 16): (32, 64, 4, 3), (True, 32): (32, 64, 4, 3), (True, 64): (32, 64, 4, 2),
+             (True, 128): (16, 32, 4, 2)},
+    "dq": {(False, 16): (128, 64, 8, 3), (False, 32): (128, 64, 8, 3), (False, 64): (128, 64, 8, 3),
+           (False, 128): (64, 64, 4, 2),
+           (True, 16): (64, 64, 4, 3), (True, 32): (64, 64, 4, 3), (True, 64): (64, 32, 4, 2),
+           (True, 128): (32, 32, 4, 2)},
+}
+
+
+def autotune_on():
+    return os.environ.get("GRADMEM_FAST_AUTOTUNE", "1") != "0"
 
 
 def configs(shapes):
-    """Autotuning candidates. GRADMEM_FAST_AUTOTUNE=0 keeps only the one with the smallest tiles
-    (fits shared memory at every supported head dim and dtype): no tuning sweep, e.g. in quick checks."""
+    """Autotuning candidates. Under the interpreter one tiny config; GRADMEM_FAST_AUTOTUNE=0 keeps only
+    the first (the 16-bit default): the launchers then bypass the autotuner with `default_shape`."""
     if interpreter_on():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("GRADMEM_FAST_AUTOTUNE", "1") == "0":
-        shapes = [min(shapes, key=lambda s: s[0] * s[1] * s[3])]
+    if not autotune_on():
+        shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-def precision(dtype):
-    """fp32 inputs are multiplied in full precision (tf32 would cost ~1e-3 relative error)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def default_shape(table, dtype, D):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that GRADMEM_FAST_AUTOTUNE=0 uses for this dtype and D."""
+    return table[(dtype == torch.float32, block_d(D))]
+
+
+precision = dot_precision
 
 
 def block_d(D):
@@ -312,11 +341,42 @@ def strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def pick(tuned, raw, blocks):
-    """The autotuned kernel, or the raw one with fixed (BLOCK_M, BLOCK_N) when `blocks` is given."""
-    if blocks is None:
+def pick(tuned, raw, blocks, default):
+    """The kernel and its launch options: fixed (BLOCK_M, BLOCK_N) when `blocks` is given, else the
+    autotuner, or with GRADMEM_FAST_AUTOTUNE=0 (interpreter off) the raw kernel with `default`
+    (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if blocks is not None:
+        return raw, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4,
+                     "num_stages": 1 if interpreter_on() else 2}
+    if interpreter_on() or autotune_on():
         return tuned, {}
-    return raw, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1 if interpreter_on() else 2}
+    bm, bn, w, st = default
+    return raw, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+
+
+def sample_span(t):
+    """Elements one sample (index along dim 0) of t spans."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+
+
+def batch_ranges(B, heads):
+    """[b0, b1) pieces of the batch whose grids (., (b1 - b0) * heads) fit CUDA's y limit."""
+    if heads > MAX_GRID_Y:
+        raise ValueError(f"{heads} heads: the grid's second dimension is limited to {MAX_GRID_Y}")
+    step = MAX_GRID_Y // heads
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+def launch(kernel, grid, B, heads, args, kwargs):
+    """kernel[grid(nb)](*args) over pieces of the batch; every tensor in args is (B, ...) and is
+    addressed per sample with 32-bit offsets."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and sample_span(a) >= MAX_SAMPLE_SPAN:
+            raise ValueError(f"a {tuple(a.shape)} tensor with strides {a.stride()} spans {sample_span(a)} elements "
+                             f"per sample; the attention kernels address a sample with 32-bit offsets")
+    for b0, b1 in batch_ranges(B, heads):
+        part = args if (b0, b1) == (0, B) else [a[b0:b1] if isinstance(a, torch.Tensor) else a for a in args]
+        kernel[grid(b1 - b0)](*part, **kwargs)
 
 
 def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_out=False, blocks=None):
@@ -325,14 +385,14 @@ def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_o
     B, S, Hq, D = q.shape
     if B * Hq * S == 0:
         return
-    kernel, extra = pick(_fwd_tuned, _fwd_kernel, blocks)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    kernel[grid](
+    kernel, extra = pick(_fwd_tuned, _fwd_kernel, blocks, default_shape(DEFAULT_SHAPES["fwd"], q.dtype, D))
+    grid = lambda nb: lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), nb * Hq)  # noqa: E731
+    launch(kernel, grid, B, Hq, [
         q, k, v, o, lse, lsum if lsum is not None else lse, lengths if lengths is not None else lse,
         *strides3(q), *strides3(k), *strides3(v), *strides3(o), *strides3(lse),
-        S, Hq, len_offset, scale * 1.4426950408889634,
+        S, Hq, len_offset, scale * 1.4426950408889634], dict(
         GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
-        STATE_OUT=state_out, PRECISION=precision(q.dtype), **extra)
+        STATE_OUT=state_out, PRECISION=precision(q.dtype), **extra))
 
 
 def launch_preprocess(o, do, delta, lengths, len_offset):
@@ -341,9 +401,9 @@ def launch_preprocess(o, do, delta, lengths, len_offset):
     if B * Hq * S == 0:
         return
     BLOCK_M = 16 if interpreter_on() else 64
-    _bwd_preprocess_kernel[(triton.cdiv(S, BLOCK_M), B * Hq)](
-        o, do, delta, lengths if lengths is not None else delta, *strides3(o), *strides3(do), S, Hq, len_offset,
-        HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None, BLOCK_M=BLOCK_M)
+    launch(_bwd_preprocess_kernel, lambda nb: (triton.cdiv(S, BLOCK_M), nb * Hq), B, Hq, [
+        o, do, delta, lengths if lengths is not None else delta, *strides3(o), *strides3(do), S, Hq, len_offset],
+        dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None, BLOCK_M=BLOCK_M))
 
 
 def launch_dq(q, k, v, do, lse, delta, dq, lengths, len_offset, scale, *, blocks=None):
@@ -351,14 +411,28 @@ def launch_dq(q, k, v, do, lse, delta, dq, lengths, len_offset, scale, *, blocks
     B, S, Hq, D = q.shape
     if B * Hq * S == 0:
         return
-    kernel, extra = pick(_dq_tuned, _bwd_dq_kernel, blocks)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    kernel[grid](
+    kernel, extra = pick(_dq_tuned, _bwd_dq_kernel, blocks, default_shape(DEFAULT_SHAPES["dq"], q.dtype, D))
+    grid = lambda nb: lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), nb * Hq)  # noqa: E731
+    launch(kernel, grid, B, Hq, [
         q, k, v, do, lse, delta, dq, lengths if lengths is not None else delta,
         *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dq),
-        delta.stride(1), S, Hq, len_offset, scale * 1.4426950408889634, scale,
+        delta.stride(1), S, Hq, len_offset, scale * 1.4426950408889634, scale], dict(
         GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
-        PRECISION=precision(q.dtype), **extra)
+        PRECISION=precision(q.dtype), **extra))
+
+
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, lengths, scale, *, blocks=None):
+    """dk, dv (B, S, Hkv, D) summed over each kv head's query heads; delta (B, Hq, S) contiguous."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    kernel, extra = pick(_dkdv_tuned, _bwd_dkdv_kernel, None if blocks is None else blocks[::-1],
+                         default_shape(DEFAULT_SHAPES["dkdv"], q.dtype, D))
+    grid = lambda nb: lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), nb * Hkv)  # noqa: E731
+    launch(kernel, grid, B, Hkv, [
+        q, k, v, do, lse, delta, dk, dv, lengths,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dk), *strides3(dv),
+        S, Hkv, 0, scale * 1.4426950408889634, scale], dict(
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=True, PRECISION=precision(q.dtype), **extra))
 
 
 def attention_forward(q, k, v, lengths, scale, *, out=None, blocks=None):
@@ -382,13 +456,7 @@ def attention_backward(do, q, k, v, o, lse, lengths, scale, *, out=None, blocks=
         return dq, dk, dv
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     launch_preprocess(o, do, delta, lengths, 0)
-    kernel, extra = pick(_dkdv_tuned, _bwd_dkdv_kernel, None if blocks is None else blocks[::-1])
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, lengths,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dk), *strides3(dv),
-        S, Hkv, 0, scale * 1.4426950408889634, scale,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=True, PRECISION=precision(q.dtype), **extra)
+    launch_dkdv(q, k, v, do, lse, delta, dk, dv, lengths, scale, blocks=blocks)
     launch_dq(q, k, v, do, lse, delta, dq, lengths, 0, scale, blocks=blocks)
     return dq, dk, dv
 

@@ -11,11 +11,20 @@ import triton
 import triton.language as tl
 
 from .attention import (
-    DKDV_SHAPES, LN2, LOG2E, block_d, configs, dkdv_loop, launch_dq, launch_forward, launch_preprocess,
+    LN2, LOG2E, block_d, configs, default_shape, dkdv_loop, launch, launch_dq, launch_forward, launch_preprocess,
     online_softmax_step, pick, precision, strides3,
 )
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the 16-bit default. BLOCK_N runs over the m
+# memory keys (8 to 32), so it stays small; BLOCK_M runs over context rows.
 CTX_SHAPES = [(64, 16, 4, 2), (128, 16, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
+MEM_DKDV_SHAPES = [(64, 16, 4, 2), (128, 16, 8, 2), (32, 16, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2),
+                   (32, 64, 4, 3)]
+# see attention.DEFAULT_SHAPES
+DEFAULT_SHAPES = {
+    "ctx": {(fp32, bd): (64, 16, 4, 2) for fp32 in (False, True) for bd in (16, 32, 64, 128)},
+    "mem_dkdv": {(fp32, bd): (64, 16, 4, 2) for fp32 in (False, True) for bd in (16, 32, 64, 128)},
+}
 
 
 @triton.jit
@@ -124,8 +133,7 @@ def _mem_dkdv_kernel(
 
 _KEY = ["BLOCK_D", "GROUP"]
 _ctx_fwd_tuned = triton.autotune(configs(CTX_SHAPES), key=_KEY)(_ctx_fwd_kernel)
-_mem_dkdv_tuned = triton.autotune(configs(DKDV_SHAPES[2:] + [(16, 16, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2)]),
-                                  key=_KEY)(_mem_dkdv_kernel)
+_mem_dkdv_tuned = triton.autotune(configs(MEM_DKDV_SHAPES), key=_KEY)(_mem_dkdv_kernel)
 
 
 def memory_attention_forward(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, scale, *, out=None, blocks=None):
@@ -140,13 +148,14 @@ def memory_attention_forward(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, sca
         return o, lse
     acc, row_max, row_sum = state
     o_ctx, lse_ctx = o[:, m:], lse[:, :, m:]
-    kernel, extra = pick(_ctx_fwd_tuned, _ctx_fwd_kernel, blocks)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    kernel[grid](
+    kernel, extra = pick(_ctx_fwd_tuned, _ctx_fwd_kernel, blocks,
+                         default_shape(DEFAULT_SHAPES["ctx"], q_mem.dtype, D))
+    grid = lambda nb: lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), nb * Hq)  # noqa: E731
+    launch(kernel, grid, B, Hq, [
         q_ctx, k_mem, v_mem, acc, row_max, row_sum, o_ctx, lse_ctx, ctx_lengths,
         *strides3(q_ctx), *strides3(k_mem), *strides3(v_mem), *strides3(acc), *strides3(row_max),
-        *strides3(o_ctx), *strides3(lse_ctx), T, m, Hq, scale * 1.4426950408889634,
-        GROUP=Hq // k_mem.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=precision(q_mem.dtype), **extra)
+        *strides3(o_ctx), *strides3(lse_ctx), T, m, Hq, scale * 1.4426950408889634], dict(
+        GROUP=Hq // k_mem.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=precision(q_mem.dtype), **extra))
     return o, lse
 
 
@@ -165,11 +174,12 @@ def memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, ctx_length
     delta = torch.empty((B, Hq, m + T), dtype=torch.float32, device=q_mem.device)
     launch_preprocess(o, do, delta, ctx_lengths, m)
     launch_dq(q_mem, k_mem, v_mem, do[:, :m], lse[:, :, :m], delta[:, :, :m], dq, None, 0, scale, blocks=blocks)
-    kernel, extra = pick(_mem_dkdv_tuned, _mem_dkdv_kernel, None if blocks is None else blocks[::-1])
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    kernel[grid](
+    kernel, extra = pick(_mem_dkdv_tuned, _mem_dkdv_kernel, None if blocks is None else blocks[::-1],
+                         default_shape(DEFAULT_SHAPES["mem_dkdv"], q_mem.dtype, D))
+    grid = lambda nb: lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), nb * Hkv)  # noqa: E731
+    launch(kernel, grid, B, Hkv, [
         q_mem, q_ctx, k_mem, v_mem, do, lse, delta, dk, dv, ctx_lengths,
         *strides3(q_mem), *strides3(q_ctx), *strides3(k_mem), *strides3(v_mem), *strides3(do), *strides3(lse),
-        *strides3(dk), *strides3(dv), m, T, Hkv, scale * 1.4426950408889634, scale,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=precision(q_mem.dtype), **extra)
+        *strides3(dk), *strides3(dv), m, T, Hkv, scale * 1.4426950408889634, scale], dict(
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=precision(q_mem.dtype), **extra))
     return dq, dk, dv

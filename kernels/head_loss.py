@@ -17,6 +17,8 @@ import triton.language as tl
 
 from gradmem_fast._triton import interpreter_on
 
+from .precision import dot_precision
+
 METHODS = ("chunked", "fused")
 # bytes of the chunked method's logits buffer; the rows per chunk follow from V and the dtype
 CHUNK_BYTES = 256 << 20
@@ -157,16 +159,9 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
                      b_g.to(p_grad.dtype.element_ty), mask=m_nd)
 
 
-def _precision(dtype):
-    # only fp32 products have a choice; 16-bit inputs keep Triton's default
-    if dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def chunk_rows_for(N, V, dtype):
     """Rows per chunk of the chunked method: a buffer of about CHUNK_BYTES, a multiple of 128 rows."""
-    rows = CHUNK_BYTES // (triton.cdiv(V, ROW_ALIGN) * ROW_ALIGN * torch.empty((), dtype=dtype).element_size())
+    rows = CHUNK_BYTES // (triton.cdiv(V, ROW_ALIGN) * ROW_ALIGN * dtype.itemsize)
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(N, rows))
@@ -219,7 +214,7 @@ def _fused(hidden, weight, targets, row_weights, loss, grad, acc):
     _fused_head_loss_kernel[(triton.cdiv(N, block_n),)](
         hidden, weight, targets, row_weights, loss, acc, grad,
         N, V, D, hidden.stride(0), weight.stride(0), grad.stride(0),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, PRECISION=_precision(hidden.dtype),
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, PRECISION=dot_precision(hidden.dtype),
         num_warps=warps, num_stages=stages)
 
 

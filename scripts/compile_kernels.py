@@ -5,9 +5,12 @@ shapes the library uses; each kernel launch is intercepted and compiled with `tr
 the target (default sm_90), once per autotuning config, with the argument specialisation Triton's
 JIT would give it (pointer dtypes, divisibility by 16, integers equal to 1). Prints registers,
 spilled bytes (stack + local) and shared memory of each compiled kernel, marking "big" those over
-the card's shared memory (the autotuner skips such a config at launch); exits 1 if any compile fails.
+the card's shared memory (the autotuner skips such a config at launch) and "SPILL" those that spill
+registers, then lists the spilling ones; exits 1 if any compile fails. `--autotune 0` compiles only
+what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim).
 
     python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128] [-j 2]
+                                      [--autotune 0]
 """
 import argparse
 import concurrent.futures as cf
@@ -162,7 +165,11 @@ def main(argv=None):
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     # sm_90's shared memory per block; an autotuning config above it is skipped at launch
     ap.add_argument("--smem-limit", type=int, default=232448)
+    ap.add_argument("--autotune", type=int, choices=(0, 1), default=1,
+                    help="0: only the configs launched with GRADMEM_FAST_AUTOTUNE=0")
     args = ap.parse_args(argv)
+    # read when the kernel modules are imported (their config lists) and at each launch
+    os.environ["GRADMEM_FAST_AUTOTUNE"] = str(args.autotune)
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cache-"))
     collect(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")])
     jobs, seen = _jobs, set()
@@ -175,6 +182,7 @@ def main(argv=None):
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}: "
           f"{len(_launches)} launches, {len(jobs)} distinct compiles", flush=True)
     failed = over = 0
+    spilling = []
     with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         for job, (info, err, secs) in zip(jobs, pool.map(compile_one, range(len(jobs)))):
             fn, sig, const, _, opts, _ = job
@@ -186,8 +194,13 @@ def main(argv=None):
             spill = info.get("stack", 0) + info.get("local", 0)
             big = info["shared"] > args.smem_limit
             over += big
-            print(f"{'big ' if big else 'ok  '} {head} regs {info.get('reg', '?'):>3} spill {spill:>5} "
-                  f"smem {info['shared']:>6} {secs:5.1f}s", flush=True)
+            line = (f"{head} regs {info.get('reg', '?'):>3} spill {spill:>5} smem {info['shared']:>6}")
+            if spill and not big:
+                spilling.append(line)
+            print(f"{'big  ' if big else 'SPILL' if spill else 'ok   '} {line} {secs:5.1f}s", flush=True)
+    print(f"{len(spilling)} launchable configs spill registers:")
+    for line in spilling:
+        print(f"  {line}")
     print(f"{len(jobs) - failed} compiled ({over} over {args.smem_limit} bytes of shared memory: "
           f"cannot launch), {failed} failed")
     return 1 if failed else 0

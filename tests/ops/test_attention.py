@@ -293,5 +293,7 @@ def test_autotune_switch_keeps_one_config(monkeypatch):
     monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "1")
     assert len(kernels.configs(kernels.FWD_SHAPES)) == len(kernels.FWD_SHAPES)
     monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "0")
-    (only,) = kernels.configs(kernels.DKDV_SHAPES)
-    assert (only.kwargs["BLOCK_M"], only.kwargs["BLOCK_N"], only.num_stages) == (32, 64, 3)
+    for kind, shapes in (("fwd", kernels.FWD_SHAPES), ("dkdv", kernels.DKDV_SHAPES), ("dq", kernels.DQ_SHAPES)):
+        (only,) = kernels.configs(shapes)
+        got = (only.kwargs["BLOCK_M"], only.kwargs["BLOCK_N"], only.num_warps, only.num_stages)
+        assert got == kernels.DEFAULT_SHAPES[kind][(False, 64)], kind

@@ -1,0 +1,298 @@
+"""What the Triton interpreter cannot check, checked on CPU without launching anything: the launchers
+run on meta tensors (no data, so any host read of a tensor value raises) with the GPU block sizes, and
+each kernel launch is recorded instead of run. Grids must fit CUDA's limits at the standard shapes of
+PERFORMANCE.md and at the documented limits, per-sample spans must fit the kernels' 32-bit offsets,
+fp32 dots must be true fp32 unless torch allows TF32, and GRADMEM_FAST_AUTOTUNE=0 must launch the
+documented per-dtype default. GPU-marked tests run the same paths on the card."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import rel_err
+
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+META = "meta"
+
+
+def _name(k):
+    while hasattr(k, "fn"):
+        k = k.fn
+    return k.__name__
+
+
+class Launch:
+    def __init__(self, name, grid, args, kwargs):
+        self.name, self.grid, self.args, self.kwargs = name, tuple(grid) + (1,) * (3 - len(grid)), args, kwargs
+
+    def tensors(self):
+        return [a for a in self.args if isinstance(a, torch.Tensor)]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every kernel launch (once per autotuning config) with its resolved grid; the
+    launchers take their GPU paths (interpreter off for their choices)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    # imported before the interpreter switch goes off below: jit decides at import time
+    from gradmem_fast.kernels import attention as A, attention_layer0, head_loss  # noqa: F401
+
+    seen = []
+
+    def resolve(grid, kwargs):
+        return grid(kwargs) if callable(grid) else grid
+
+    def run_raw(self, *args, grid, warmup=False, **kwargs):
+        seen.append(Launch(_name(self), resolve(grid, kwargs), args, kwargs))
+
+    def run_tuned(self, *args, grid=None, warmup=False, **kwargs):
+        for config in self.configs:
+            kw = {**kwargs, **config.all_kwargs()}
+            seen.append(Launch(_name(self), resolve(grid, kw), args, kw))
+
+    for kind in {type(A._fwd_kernel), JITFunction}:
+        monkeypatch.setattr(kind, "run", run_raw)
+    monkeypatch.setattr(Autotuner, "run", run_tuned)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return seen
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+def run_attention(B, S, Hq, Hkv, D, dtype, m=16):
+    """Every attention launcher the write engine calls, at (B, S = m + T) rows."""
+    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+
+    T = S - m
+    # q, k, v as views of one fused projection output, as the engine lays them out
+    qkv = meta(B, S, Hq + 2 * Hkv, D, dtype=dtype)
+    q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
+    do = meta(B, S, Hq, D, dtype=dtype)
+    lengths = meta(B, dtype=torch.int32)
+    o, lse = A.attention_forward(q, k, v, lengths, D ** -0.5)
+    A.attention_backward(do, q, k, v, o, lse, lengths, D ** -0.5)
+    state = A.context_attention_state(q[:, m:], k[:, m:], v[:, m:], lengths, D ** -0.5)
+    o, lse = L0.memory_attention_forward(q[:, :m], k[:, :m], v[:, :m], q[:, m:], state, lengths, D ** -0.5)
+    L0.memory_attention_backward(do, q[:, :m], k[:, :m], v[:, :m], q[:, m:], o, lse, lengths, D ** -0.5)
+
+
+def run_head_loss(N, d, V, dtype, method):
+    from gradmem_fast.kernels.head_loss import head_loss
+
+    head_loss(meta(N, d, dtype=dtype), meta(V, d, dtype=dtype), meta(N, dtype=torch.int64),
+              meta(N, dtype=torch.float32), meta(N, dtype=torch.float32), meta(N, d, dtype=dtype), method=method)
+
+
+# (B, S, Hq, Hkv, D, dtype): gpt2-batch, llama1b-batch, kv-paper, the largest head dim, and a batch
+# whose B * Hq passes the grid's 65535 (the launchers split it)
+ATTENTION_SHAPES = [
+    (16, 1024, 12, 12, 64, torch.bfloat16),
+    (8, 2064, 32, 8, 64, torch.bfloat16),
+    (64, 905, 4, 4, 32, torch.float32),
+    (8, 2064, 32, 8, 128, torch.float16),
+    (4100, 144, 32, 8, 64, torch.bfloat16),
+]
+# (N, d, V): gpt2-batch, llama1b-batch, the documented limits V 256k, d 4096
+HEAD_SHAPES = [(16 * 1024, 768, 50257), (8 * 2048, 2048, 128256), (16 * 1024, 4096, 256 * 1024)]
+
+
+def _check_grids(launches):
+    assert launches
+    for launch in launches:
+        assert all(0 < g <= limit for g, limit in zip(launch.grid, MAX_GRID)), (launch.name, launch.grid)
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+@pytest.mark.parametrize("B, S, Hq, Hkv, D, dtype", ATTENTION_SHAPES)
+def test_attention_grids_fit_and_cover_the_batch(launches, monkeypatch, autotune, B, S, Hq, Hkv, D, dtype):
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", autotune)
+    run_attention(B, S, Hq, Hkv, D, dtype)
+    _check_grids(launches)
+    for launch in launches:
+        heads = Hkv if "dkdv" in launch.name else Hq
+        batch = {t.shape[0] for t in launch.tensors()}
+        assert len(batch) == 1 and launch.grid[1] == batch.pop() * heads, launch.name
+    # every sample is launched exactly once per kernel (and autotuning config)
+    per_kernel = {}
+    for launch in launches:
+        # one launcher call: the same scalars (strides, sizes, offsets) and constexprs
+        key = (launch.name, tuple(a for a in launch.args if not isinstance(a, torch.Tensor)),
+               tuple(sorted(launch.kwargs.items())))
+        per_kernel[key] = per_kernel.get(key, 0) + launch.tensors()[0].shape[0]
+    assert set(per_kernel.values()) == {B}
+    assert len(launches) > len(per_kernel) or B * Hq <= MAX_GRID[1]
+
+
+@pytest.mark.parametrize("method", ["chunked", "fused"])
+@pytest.mark.parametrize("N, d, V", HEAD_SHAPES)
+def test_head_loss_grids_fit(launches, method, N, d, V):
+    run_head_loss(N, d, V, torch.bfloat16, method)
+    _check_grids(launches)
+    if method == "chunked":
+        from gradmem_fast.kernels.head_loss import chunk_rows_for
+
+        rows = chunk_rows_for(N, V, torch.bfloat16)
+        assert [launch.grid[0] for launch in launches] == [min(rows, N - s) for s in range(0, N, rows)]
+
+
+def test_attention_sample_span_beyond_32_bits_is_refused(launches):
+    from gradmem_fast.kernels import attention as A
+
+    # one sample of q spans 2**31 elements: the kernels' 32-bit in-sample offsets would wrap
+    q = meta(1, 2 ** 21, 16, 64)
+    with pytest.raises(ValueError, match="32-bit"):
+        A.attention_forward(q, q, q, meta(1, dtype=torch.int32), 0.125)
+    assert not launches
+    A.attention_forward(q[:, : 2 ** 21 - 1], q[:, : 2 ** 21 - 1], q[:, : 2 ** 21 - 1], meta(1, dtype=torch.int32),
+                        0.125)
+    assert launches
+
+
+def _source(name):
+    """The @triton.jit functions of a kernel module (host code multiplies Python ints)."""
+    text = (KERNELS / name).read_text()
+    return "\n".join(re.findall(r"@triton\.jit\n.*?(?=\n\n\n|\Z)", text, flags=re.S))
+
+
+def _products(source, right):
+    """(left, right) operands of every `left * right` in source, left a name, a call or a parenthesis."""
+    left = r"(\([^()]*\)|[\w.]+(?:\([\w.]*\))?(?:\[[^\]]*\])?)"
+    return re.findall(left + r" \* (" + right + r")", source)
+
+
+@pytest.mark.parametrize("name", ["attention.py", "attention_layer0.py"])
+def test_attention_batch_offsets_are_64_bit(name):
+    """Offsets across samples can pass 2**31 (B * S * H * D): each batch stride and each per-(b, h) row
+    count is multiplied by an int64 value."""
+    products = _products(_source(name), r"stride_\w*b\b|S\b|\(M \+ T\)|stride_delta\b")
+    assert products
+    for left, right in products:
+        assert "64" in left, f"{left} * {right}"
+
+
+def test_head_loss_row_offsets_are_64_bit():
+    products = _products(_source("head_loss.py"), r"stride_\w+|D\b")
+    assert products
+    for left, right in products:
+        assert "64" in left, f"{left} * {right}"
+
+
+@pytest.mark.parametrize("fp32_precision, expected", [("ieee", "ieee"), ("tf32", "tf32"), ("none", "ieee")])
+def test_fp32_dot_precision_follows_torch(launches, monkeypatch, fp32_precision, expected):
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    try:
+        # the new API: reading the legacy allow_tf32 afterwards raises, the launchers must not
+        matmul.fp32_precision = fp32_precision
+        run_attention(2, 80, 4, 2, 32, torch.float32)
+        run_head_loss(64, 128, 70, torch.float32, "fused")
+    finally:
+        matmul.fp32_precision = previous
+    with_dots = [launch for launch in launches if "PRECISION" in launch.kwargs]
+    assert {launch.name for launch in with_dots} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                                                     "_ctx_fwd_kernel", "_mem_dkdv_kernel", "_fused_head_loss_kernel"}
+    assert {launch.kwargs["PRECISION"] for launch in with_dots} == {expected}
+
+
+def test_fp32_dot_precision_legacy_switch(launches, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    run_attention(2, 80, 4, 2, 32, torch.float32)
+    assert {launch.kwargs["PRECISION"] for launch in launches if "PRECISION" in launch.kwargs} == {"tf32"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_autotune_off_launches_the_per_dtype_default(launches, monkeypatch, dtype, D):
+    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "0")
+    run_attention(2, 272, 8, 2, D, dtype)
+    tables = {"_fwd_kernel": A.DEFAULT_SHAPES["fwd"], "_bwd_dkdv_kernel": A.DEFAULT_SHAPES["dkdv"],
+              "_bwd_dq_kernel": A.DEFAULT_SHAPES["dq"], "_ctx_fwd_kernel": L0.DEFAULT_SHAPES["ctx"],
+              "_mem_dkdv_kernel": L0.DEFAULT_SHAPES["mem_dkdv"]}
+    seen = set()
+    for launch in launches:
+        if launch.name not in tables:
+            continue
+        seen.add(launch.name)
+        bm, bn, warps, stages = tables[launch.name][(dtype == torch.float32, A.block_d(D))]
+        kw = launch.kwargs
+        assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == (bm, bn, warps, stages)
+    assert seen == set(tables)
+
+
+def test_default_shapes_are_valid_tiles():
+    """Dots need every tile side >= 16; the dK/dV kernels step query rows by BLOCK_M inside a key block
+    of BLOCK_N, which must be a multiple of it. The 16-bit defaults at the standard head dim are not the
+    smallest tiles of the autotuning lists."""
+    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+
+    tables = {**A.DEFAULT_SHAPES, **L0.DEFAULT_SHAPES}
+    for kind, table in tables.items():
+        assert set(table) == {(fp32, bd) for fp32 in (False, True) for bd in (16, 32, 64, 128)}, kind
+        for (bm, bn, warps, stages) in table.values():
+            assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1, kind
+            if kind == "dkdv":
+                assert bn % bm == 0
+    for kind, shapes in (("fwd", A.FWD_SHAPES), ("dq", A.DQ_SHAPES), ("mem_dkdv", L0.MEM_DKDV_SHAPES)):
+        bm, bn, _, _ = tables[kind][(False, 64)]
+        assert bm * bn > min(s[0] * s[1] for s in shapes), kind
+
+
+# ---------------------------------------------------------------- on the card
+
+
+@pytest.mark.gpu
+def test_gpu_batch_split_past_the_grid_limit():
+    from gradmem_fast.ops import attention as ops
+
+    B, S, Hq, Hkv, D = 2100, 24, 32, 8, 64  # B * Hq = 67200 > 65535
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, S, h, D, generator=g, device="cuda", dtype=torch.bfloat16)
+                   for h in (Hq, Hkv, Hkv, Hq))
+    lengths = torch.randint(1, S + 1, (B,), generator=g, device="cuda", dtype=torch.int32)
+    o, lse = ops.attention_forward(q, k, v, lengths, 0.125, backend="kernel")
+    grads = ops.attention_backward(do, q, k, v, o, lse, lengths, 0.125, backend="kernel")
+    tail = slice(B - 40, B)  # samples only the second launch covers
+    ref_o, ref_lse = ops.attention_forward_reference(q[tail], k[tail], v[tail], lengths[tail], 0.125)
+    ref_grads = ops.attention_backward_reference(do[tail], q[tail], k[tail], v[tail], ref_o, ref_lse, lengths[tail],
+                                                 0.125)
+    assert rel_err(o[tail], ref_o) < 2e-2 and rel_err(lse[tail], ref_lse) < 1e-5
+    for x, r in zip(grads, ref_grads):
+        assert rel_err(x[tail], r) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autotune", ["1", "0"])
+@pytest.mark.parametrize("D, fp32_precision, tol", [(32, "ieee", 1e-5), (128, "ieee", 1e-5), (64, "tf32", 1e-2)])
+def test_gpu_fp32_attention_precision(monkeypatch, autotune, D, fp32_precision, tol):
+    """fp32 is true fp32 by default (far under 1e-4 against float64), TF32 only when allowed."""
+    from gradmem_fast.ops import attention as ops
+
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", autotune)
+    B, S, Hq, Hkv = 4, 905, 4, 2
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v, do = (torch.randn(B, S, h, D, generator=g, device="cuda") for h in (Hq, Hkv, Hkv, Hq))
+    lengths = torch.tensor([905, 1, 500, 777], dtype=torch.int32, device="cuda")
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = fp32_precision
+        o, lse = ops.attention_forward(q, k, v, lengths, D ** -0.5, backend="kernel")
+        grads = ops.attention_backward(do, q, k, v, o, lse, lengths, D ** -0.5, backend="kernel")
+    finally:
+        matmul.fp32_precision = previous
+    d64 = [t.double() for t in (q, k, v, do)]
+    ref_o, ref_lse = ops.attention_forward_reference(*d64[:3], lengths, D ** -0.5)
+    ref_grads = ops.attention_backward_reference(d64[3], *d64[:3], ref_o, ref_lse, lengths, D ** -0.5)
+    errors = [rel_err(o, ref_o)] + [rel_err(x, r) for x, r in zip(grads, ref_grads)]
+    assert all(torch.isfinite(t).all() for t in (o, lse, *grads))
+    assert max(errors) < tol, errors
+    if fp32_precision == "tf32":
+        assert max(errors) > 1e-5, errors  # the switch reached the kernels
