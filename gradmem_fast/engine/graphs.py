@@ -90,6 +90,16 @@ def shared_pool(device):
     return _POOLS[device]
 
 
+def matmul_settings():
+    """The matmul settings a capture bakes in (cuBLAS math mode, the Triton kernels' fp32 dot precision):
+    (TF32 allowed for float32, fp16 and bf16 reduced-precision reductions allowed)."""
+    matmul = torch.backends.cuda.matmul
+    # fp32_precision (torch >= 2.9) also reflects allow_tf32 and set_float32_matmul_precision
+    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else bool(matmul.allow_tf32)
+    return (tf32, bool(matmul.allow_fp16_reduced_precision_reduction),
+            bool(matmul.allow_bf16_reduced_precision_reduction))
+
+
 def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value,
               clip_norm):
     def ptr(t):
@@ -97,7 +107,7 @@ def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, m
 
     proj = None if memory_proj is None else (ptr(memory_proj.weight), ptr(memory_proj.bias))
     return (id(model), signature, spec.embedding.device, spec.embedding.dtype, B, Tb, m, memory_dtype,
-            ptr(write_head), proj, clip_value, clip_norm, ops.backend)
+            ptr(write_head), proj, clip_value, clip_norm, ops.backend, matmul_settings())
 
 
 def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, clip_value, clip_norm):

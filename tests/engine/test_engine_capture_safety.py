@@ -8,21 +8,23 @@ tensors to numpy by design); and fake CUDA tensors (FakeTensorMode, no GPU neede
 and host tensors mixed into device ops become visible. The op traces of two inputs with equal shapes and
 different values (ids, lengths, memory) must be identical: every shape is a function of B, T, m, d, R.
 """
-import copy
+import dataclasses
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradmem_fast.ops.attention as attention
 import gradmem_fast.ops.head_loss as head_loss
 from engine_cases import WIDE, cast, make_options, model_pair
+from gradmem_fast.engine import graphs
 from gradmem_fast.engine.ops import ops_for
 from gradmem_fast.engine.plan import build_plan
+from gradmem_fast.engine.specs import spec_of
 from gradmem_fast.engine.step import write_step
 from gradmem_fast.models import describe
 from helpers import FAMILIES, random_batch
@@ -250,7 +252,7 @@ def run_checked(spec, backend, ids, mask, memory, options, steps, device="cpu"):
         plan, plan_check = checked(build_plan, spec, ops, ids, mask, m, memory.dtype, options.get("write_head"),
                                    options.get("memory_proj"), skip_triton=skip_triton)
         if isinstance(plan, Exception):
-            raise plan
+            raise AssertionError("build_plan:\n" + "\n".join(plan_check.hazards)) from plan
         lr = torch.full((), 0.5, dtype=torch.float32, device=device)
         step_loss = torch.empty(B, dtype=torch.float32, device=device)
         step_checks = []
@@ -326,22 +328,19 @@ def test_kernel_engine_is_capturable(family, B, T, lengths, m, monkeypatch):
     assert step_checks2[0].trace == step_checks[0].trace
 
 
-def _fake_cuda_module(module, mode, memo):
-    """A copy of module whose parameters and buffers are fake CUDA tensors (shared ones stay shared)."""
-    module = copy.deepcopy(module)
-    with mode:
-        for sub in module.modules():
-            for store in (sub._parameters, sub._buffers):
-                for name, t in list(store.items()):
-                    if t is None:
-                        continue
-                    key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-                    if key not in memo:
-                        fake = mode.from_tensor(t).to("cuda")
-                        memo[key] = nn.Parameter(fake, requires_grad=False) if isinstance(t, nn.Parameter) \
-                            else fake
-                    store[name] = memo[key]
-    return module
+def _fake_cuda(value, mode, memo):
+    """value (a tensor, or a spec dataclass / tuple holding tensors) with fake CUDA tensors in place of its
+    tensors; a tensor met twice (a tied head) maps to one fake tensor. Call inside `mode`."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = mode.from_tensor(value).to("cuda")
+        return memo[id(value)]
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _fake_cuda(getattr(value, f.name), mode, memo)
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, tuple):
+        return tuple(_fake_cuda(v, mode, memo) for v in value)
+    return value
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -349,18 +348,46 @@ def _fake_cuda_module(module, mode, memo):
 def test_engine_on_fake_cuda_is_capturable(family, B, T, lengths, m):
     """Fake CUDA tensors: a device move, a host tensor in a device op or a value read back shows here."""
     model = model_pair(family)[0]
+    spec = describe(model)
     options = _options(family, OPTIONS)
     ids, mask, memory = _inputs(model, B, T, lengths, m, seed=4)
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-    memo = {}
-    fake_model = _fake_cuda_module(model, mode, memo)
-    options["memory_proj"] = _fake_cuda_module(options["memory_proj"], mode, memo)
+    mode, memo = FakeTensorMode(), {}
     with mode:
-        options["write_head"] = mode.from_tensor(options["write_head"]).to("cuda")
-        ids, mask, memory = (mode.from_tensor(t).to("cuda") for t in (ids, mask, memory))
-        spec = describe(fake_model)
-        assert spec.embedding.device.type == "cuda"
+        spec = _fake_cuda(spec, mode, memo)
+        proj = options["memory_proj"]
+        options["memory_proj"] = SimpleNamespace(weight=_fake_cuda(proj.weight, mode, memo),
+                                                 bias=_fake_cuda(proj.bias, mode, memo))
+        options["write_head"] = _fake_cuda(options["write_head"], mode, memo)
+        ids, mask, memory = (_fake_cuda(t, mode, memo) for t in (ids, mask, memory))
+        assert spec.embedding.device.type == "cuda" and spec.layers[-1].down.weight.device.type == "cuda"
         plan_check, step_checks, _ = run_checked(spec, "reference", ids, mask, memory, options, steps=2,
                                                  device="cuda")
     assert_capturable(plan_check, step_checks)
     assert len(step_checks[0].trace) > 50
+
+
+# ---------------------------------------------------------------- the graph cache
+
+
+@pytest.mark.parametrize("setting, value", [("fp32_precision", "tf32"),
+                                            ("allow_fp16_reduced_precision_reduction", None),
+                                            ("allow_bf16_reduced_precision_reduction", None)])
+def test_graph_key_follows_matmul_settings(setting, value):
+    """A capture bakes in cuBLAS's math mode and the Triton kernels' fp32 dot precision: a cached graph
+    must not be replayed after they change."""
+    model = model_pair("llama")[0]
+    spec, signature = spec_of(model)
+
+    def key():
+        return graphs.graph_key(model, spec, signature, ops_for("auto"), 2, 16, 3, torch.float32, None, None,
+                                None, None)
+
+    matmul = torch.backends.cuda.matmul
+    previous = getattr(matmul, setting)
+    before = key()
+    try:
+        setattr(matmul, setting, (not previous) if value is None else value)
+        assert key() != before
+    finally:
+        setattr(matmul, setting, previous)
+    assert key() == before
