@@ -14,6 +14,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
@@ -35,6 +36,8 @@ def build_dir():
 
 def missing_reason():
     """None when the emulated build can be attempted, else why not."""
+    if not sys.platform.startswith("linux"):
+        return f"the emulator's fibers (ucontext) are only used on Linux, not {sys.platform}"
     if shutil.which("g++") is None and shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (g++) found"
     try:
@@ -84,8 +87,10 @@ def build(verbose=False):
         name=NAME,
         sources=compiled,
         extra_include_paths=[os.path.join(HERE, "include"), CSRC],
+        # hidden visibility: these gradmem:: symbols never interpose on the real extension's, nor it on these
         extra_cflags=["-O1", "-include", os.path.join(HERE, "cuda_emu.h"), "-DGM_EMULATED_ON_CPU",
-                      "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+                      "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                      "-Wno-unknown-pragmas"],
         build_directory=out,
         is_python_module=False,
         with_cuda=False,

@@ -27,6 +27,23 @@ def test_emulated_ops_are_cpu_ops_in_their_own_namespace(emu_ops):
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"gradmem_fast_emu::{name}", "CUDA")
 
 
+def test_real_extension_is_unaffected(emu_ops):
+    from gradmem_fast import _ext
+
+    if _ext.reason() is not None:
+        pytest.skip(f"real extension unavailable: {_ext.reason()}")
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradmem_fast::{name}", "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"gradmem_fast::{name}", "CPU")
+    g = torch.Generator().manual_seed(3)
+    memory, grad, lr = torch.randn(2, 3, 48, generator=g), torch.randn(2, 3, 48, generator=g), torch.tensor([0.1])
+    with pytest.raises(NotImplementedError, match="CPU"):  # the real op has no CPU kernel
+        _ext.load().memory_update_(memory, grad, lr, -1.0, -1.0)
+    expect = memory - 0.1 * grad
+    emu_ops.memory_update_(memory, grad, lr, -1.0, -1.0)
+    assert torch.allclose(memory, expect, rtol=1e-6, atol=1e-6)
+
+
 def test_every_launch_is_rewritten():
     for path in emu_build.sources():
         with open(path) as f:
