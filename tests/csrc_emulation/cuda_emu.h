@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA execution model, enough to run the csrc kernels as plain C++.
 //
-// Force-included (g++ -include cuda_emu.h) when tests/csrc_emulation/build.py compiles csrc/*.cu
-// as C++; the launches `kernel<<<grid, block, smem, stream>>>(args)` are rewritten to
+// Force-included (g++ -include cuda_emu.h) when emu_build.py compiles csrc/*.cu as C++; the launches
+// `kernel<<<grid, block, smem, stream>>>(args)` are rewritten to
 // `gm_emu::launch(grid, block, smem, stream)(kernel, args)`.
 //
 // Model: every CUDA thread of a block is a fiber (ucontext) with its own stack, all on the calling
@@ -11,16 +11,17 @@
 // block and mostly picks a fiber of the first warp that has one ready, else of a random warp, so
 // warps run far ahead of one another in varying orders: a missing __syncthreads between a
 // shared-memory write and another warp's read shows up as wrong results. The draws are seeded
-// (GM_EMU_SEED, default 0, plus a launch counter), so a run is reproducible. The grid's blocks run one after another, so `__shared__` is `static`.
-// A barrier some threads never reach (a divergent __syncthreads, an early return) is reported as a
-// deadlock instead of hanging. Launch limits (block <= 1024 threads, grid dims) and full warps for
-// shuffles are checked.
+// (GM_EMU_SEED, default 0, plus a launch counter), so a run is reproducible. The grid's blocks run
+// one after another, so `__shared__` can be `static`. A barrier some threads never reach (a
+// divergent __syncthreads, an early return) is reported as a deadlock instead of hanging. Launch
+// limits (block <= 1024 threads, grid dims) and full warps for shuffles are checked.
 //
 // Limits: this checks the kernels' logic (indexing, vector widths, tails, reductions, launch
-// configuration), not the hardware. It cannot show races that need real concurrency, the GPU
-// memory model, misaligned-access faults, shared-memory or register limits, or the precision of
-// device intrinsics (rsqrtf, expf, tanhf, erff are computed with the host's libm). Launches are
-// serialised by a mutex; the stream argument is ignored.
+// configuration), not the hardware. Threads interleave only at barriers, so it cannot show races
+// that need real concurrency (two threads writing one address between barriers, missing atomics),
+// the GPU memory model, misaligned-access faults (x86 tolerates most), shared-memory or register
+// limits, __launch_bounds__ violations, or the precision of device intrinsics (rsqrtf, expf, tanhf,
+// erff are the host's libm). Launches are serialised by a mutex; the stream argument is ignored.
 #pragma once
 
 #include <ucontext.h>
@@ -65,10 +66,6 @@ inline dim3 gridDim{1, 1, 1};
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
-inline void sincosf(float x, float* s, float* c) {
-  *s = std::sin(x);
-  *c = std::cos(x);
-}
 
 namespace gm_emu {
 
