@@ -100,6 +100,26 @@ def matmul_settings():
             bool(matmul.allow_bf16_reduced_precision_reduction))
 
 
+_LAST_WRITE = {}
+
+
+def after_last_write(device):
+    """Make the current stream wait (on the device, no host sync) for the previous graph write's work.
+
+    Every call reuses its entry's static buffers, and all step graphs share one pool: a call issued on
+    another stream than the previous one must not fill them while that call's replays may still run."""
+    event = _LAST_WRITE.get(device)
+    if event is not None:
+        torch.cuda.current_stream(device).wait_event(event)
+
+
+def mark_write(device):
+    """Record, on the current stream, the end of this call's work on the shared buffers."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    _LAST_WRITE[device] = event
+
+
 def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value,
               clip_norm):
     def ptr(t):
@@ -166,6 +186,7 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
         return capture(model, spec, ops, ids, mask, memory, lr_t, write_head, memory_proj, clip_value,
                        clip_norm)
 
+    after_last_write(start.device)
     entry = CACHE.get(key, model, build)
     fill(entry.ids, entry.mask, entry.memory, entry.lr)
     entry.prologue.replay()
@@ -174,4 +195,6 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
         entry.replays += 1
         if losses is not None:
             losses[:, k].copy_(entry.step_loss)
-    return entry.memory.clone()
+    result = entry.memory.clone()
+    mark_write(start.device)
+    return result

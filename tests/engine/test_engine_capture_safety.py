@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradmem_fast.ops.attention as attention
 import gradmem_fast.ops.head_loss as head_loss
-from engine_cases import WIDE, cast, make_options, model_pair
+from engine_cases import WIDE, cast, make_options, model_on, model_pair
 from gradmem_fast.engine import graphs
 from gradmem_fast.engine.ops import ops_for
 from gradmem_fast.engine.plan import build_plan
@@ -391,3 +391,100 @@ def test_graph_key_follows_matmul_settings(setting, value):
     finally:
         setattr(matmul, setting, previous)
     assert key() == before
+
+
+class _Recorder:
+    """Stand-ins for CUDA streams, events and graphs that log what each call enqueues, on which stream."""
+
+    def __init__(self):
+        self.log = []
+        self.stream = "s1"
+        self.events = 0
+
+    def current_stream(self, device=None):
+        recorder = self
+
+        class Stream:
+            name = recorder.stream
+
+            def wait_event(self, event):
+                recorder.log.append((self.name, "wait", event.number))
+        return Stream()
+
+    def Event(self):
+        recorder = self
+        recorder.events += 1
+
+        class Event:
+            number = recorder.events
+
+            def record(self, stream):
+                recorder.log.append((stream.name, "record", self.number))
+        return Event()
+
+    def graph(self, name):
+        recorder = self
+
+        class Graph:
+            def replay(self):
+                recorder.log.append((recorder.stream, name))
+        return Graph()
+
+
+def test_graph_write_waits_for_the_previous_write_on_another_stream(monkeypatch):
+    """A call on a second stream must not refill the static buffers (nor reuse the shared step pool) before
+    the first call's replays are done: it waits on an event recorded after them."""
+    recorder = _Recorder()
+    monkeypatch.setattr(torch.cuda, "current_stream", recorder.current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", recorder.Event)
+    monkeypatch.setattr(graphs, "_LAST_WRITE", {})
+    model = model_pair("llama")[0]
+    spec, signature = spec_of(model)
+    ids, mask, memory = _inputs(model, 2, 5, [5, 2], 3, seed=1)
+    Tb = graphs.bucket_length(5, 3)
+    entry = graphs.GraphEntry(model_ref=lambda: model, ids=torch.empty(2, Tb, dtype=torch.int64),
+                              mask=torch.empty(2, Tb, dtype=torch.int64), memory=torch.empty_like(memory),
+                              lr=torch.empty(()), step_loss=torch.zeros(2), prologue=recorder.graph("prologue"),
+                              step=recorder.graph("step"), plan=None)
+    monkeypatch.setattr(graphs, "CACHE", SimpleNamespace(get=lambda key, model, build: entry))
+
+    def call():
+        return graphs.graph_write(model, spec, signature, ops_for("reference"), memory, ids, mask, steps=2, lr=0.5,
+                                  write_head=None, memory_proj=None, clip_value=None, clip_norm=None,
+                                  losses=torch.empty(2, 2))
+
+    out = call()
+    assert torch.equal(out, memory) and torch.equal(entry.mask[:, :5], mask) and not entry.mask[:, 5:].any()
+    assert recorder.log == [("s1", "prologue"), ("s1", "step"), ("s1", "step"), ("s1", "record", 1)]
+    recorder.log.clear()
+    recorder.stream = "s2"
+    call()
+    assert recorder.log == [("s2", "wait", 1), ("s2", "prologue"), ("s2", "step"), ("s2", "step"),
+                            ("s2", "record", 2)]
+
+
+@pytest.mark.gpu
+def test_graph_writes_on_two_streams_match_eager():
+    from gradmem_fast.engine import fast_write
+
+    model = model_on("llama", "cuda", **WIDE["llama"])
+    batches = [tuple(t.cuda() for t in _inputs(model, 4, 200, [200, 150, 90, 7], 8, seed=s)) for s in (1, 2)]
+
+    def write(batch, use_graphs):
+        ids, mask, memory = batch
+        return fast_write(model, memory, ids, mask, steps=20, lr=0.3, grad_mode="none", return_losses=False,
+                          op_backend="auto", use_graphs=use_graphs, write_head=None, memory_proj=None,
+                          clip_value=None, clip_norm=None)
+
+    expected = [write(b, False) for b in batches]
+    write(batches[0], True)  # capture
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for batch, stream in zip(batches, streams):
+        with torch.cuda.stream(stream):
+            outs.append(write(batch, True))
+    torch.cuda.synchronize()
+    for out, ref in zip(outs, expected):
+        assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
