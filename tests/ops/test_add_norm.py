@@ -189,7 +189,7 @@ def test_kernel_misaligned_and_strided_inputs(kind, dtype, tol):
     ry, rres, rstats = add_norm_forward_reference(x, r, w[1:d + 1], b[1:d + 1], 1e-5, kind)
     assert rel_err(y, ry) < tol and torch.equal(res_out, rres) and rel_err(stats, rstats) < 1e-5
     # a transposed (strided) input is made contiguous by the wrapper
-    xt = flat[1:].view(d, rows).t()
+    xt = flat[1:].view(rows, d).t()  # (d, rows): rows of width `rows`
     y, res_out, _ = add_norm_forward(xt, None, w[:rows], None, 1e-5, kind, backend="kernel")
     assert res_out is xt and rel_err(y, add_norm_forward_reference(xt, None, w[:rows], None, 1e-5, kind)[0]) < tol
 
