@@ -86,7 +86,7 @@ def _launch_forward(x, residual, weight, bias, eps, kind, out):
     res_out2 = x2.new_empty(0) if residual is None else res_out.view(rows, d)
     _ext.load().add_norm_fwd(x2, res2, weight.contiguous(), None if bias is None else bias.contiguous(),
                              float(eps), kind == "rms", y.view(rows, d), res_out2, stats)
-    return y.view(x.shape), res_out, stats
+    return (y.view(x.shape) if out is None else y), res_out, stats  # out's own tensors, as the twin
 
 
 def _launch_backward(dy, d_residual_out, residual_out, weight, stats, kind, out):
@@ -95,7 +95,7 @@ def _launch_backward(dy, d_residual_out, residual_out, weight, stats, kind, out)
     dx = torch.empty_like(h) if out is None else out
     _ext.load().add_norm_bwd(_rows(dy), None if d_residual_out is None else _rows(d_residual_out), h,
                              weight.contiguous(), stats.contiguous(), kind == "rms", dx.view(-1, d))
-    return dx.view(residual_out.shape)
+    return dx.view(residual_out.shape) if out is None else dx
 
 
 # ---------------------------------------------------------------- validation
