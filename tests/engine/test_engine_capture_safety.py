@@ -3,10 +3,11 @@ the CPU: every aten op they issue is recorded by a TorchDispatchMode, and any op
 host, give a shape that depends on tensor values, or read host memory inside a captured region fails.
 
 Three runs: CPU tensors with the PyTorch twins; CPU tensors with the Triton kernels under the interpreter
-(only ops issued outside the triton package are checked: the interpreter's own host-side work copies
-tensors to numpy by design); and fake CUDA tensors (FakeTensorMode, no GPU needed), where device moves
+(only ops issued outside the triton package are checked and traced: the interpreter's own host-side
+work stands for what a GPU launch does on the device); and fake CUDA tensors (FakeTensorMode, no GPU needed), where device moves
 and host tensors mixed into device ops become visible. The op traces of two inputs with equal shapes and
 different values (ids, lengths, memory) must be identical: every shape is a function of B, T, m, d, R.
+A step must not replace any tensor the plan holds (it would live in the step graph's pool).
 """
 import dataclasses
 import os
@@ -242,6 +243,19 @@ def _inputs(model, B, T, lengths, m, seed):
     return ids, mask, memory
 
 
+def _plan_tensors(value, path="plan"):
+    """(path, tensor) for every tensor the plan holds, the model spec and the ops left out."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            if f.name not in ("spec", "ops"):
+                yield from _plan_tensors(getattr(value, f.name), f"{path}.{f.name}")
+    elif isinstance(value, tuple):
+        for i, v in enumerate(value):
+            yield from _plan_tensors(v, f"{path}[{i}]")
+
+
 def run_checked(spec, backend, ids, mask, memory, options, steps, device="cpu"):
     """build_plan then `steps` write_step calls, each under its own CaptureChecker.
     Returns (plan checker, step checkers, memory after the steps)."""
@@ -256,11 +270,17 @@ def run_checked(spec, backend, ids, mask, memory, options, steps, device="cpu"):
         lr = torch.full((), 0.5, dtype=torch.float32, device=device)
         step_loss = torch.empty(B, dtype=torch.float32, device=device)
         step_checks = []
+        held = {path: id(t) for path, t in _plan_tensors(plan)}
+        assert len(held) > 10
         for _ in range(steps):
             error, check = checked(write_step, plan, memory, lr, step_loss, options.get("clip_value"),
                                    options.get("clip_norm"), skip_triton=skip_triton)
             if isinstance(error, Exception):
                 check.hazards.append(f"write_step raised {error!r}")
+            # a tensor the step allocates lives in the step graph's pool, reused by other captures
+            replaced = [path for path, t in _plan_tensors(plan) if held.get(path) != id(t)]
+            if replaced or len(held) != len(list(_plan_tensors(plan))):
+                check.hazards.append(f"write_step replaced tensors the plan holds: {replaced}")
             step_checks.append(check)
     return plan_check, step_checks, memory
 
