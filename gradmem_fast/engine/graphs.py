@@ -186,15 +186,17 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
         return capture(model, spec, ops, ids, mask, memory, lr_t, write_head, memory_proj, clip_value,
                        clip_norm)
 
-    after_last_write(start.device)
-    entry = CACHE.get(key, model, build)
-    fill(entry.ids, entry.mask, entry.memory, entry.lr)
-    entry.prologue.replay()
-    for k in range(steps):
-        entry.step.replay()
-        entry.replays += 1
-        if losses is not None:
-            losses[:, k].copy_(entry.step_loss)
-    result = entry.memory.clone()
-    mark_write(start.device)
+    # capture and replay use the current device's streams: make it the tensors' device
+    with torch.cuda.device(start.device):
+        after_last_write(start.device)
+        entry = CACHE.get(key, model, build)
+        fill(entry.ids, entry.mask, entry.memory, entry.lr)
+        entry.prologue.replay()
+        for k in range(steps):
+            entry.step.replay()
+            entry.replays += 1
+            if losses is not None:
+                losses[:, k].copy_(entry.step_loss)
+        result = entry.memory.clone()
+        mark_write(start.device)
     return result

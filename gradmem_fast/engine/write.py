@@ -1,4 +1,5 @@
 """The fast writer's entry points: fast_reason (can it take this call?) and fast_write."""
+import contextlib
 import os
 
 import torch
@@ -45,6 +46,11 @@ def _op_backend(op_backend):
     return backend
 
 
+def _on_device(device):
+    """Make the tensors' device current: Triton launches, graph capture and replay use the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _use_graphs(device, use_graphs):
     if device.type != "cuda":
         return False
@@ -82,7 +88,7 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
         if spec.max_positions is not None and m + T > spec.max_positions:
             raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
                              "(position table or sliding window), which the fast engine does not cover")
-        with torch.no_grad():
+        with torch.no_grad(), _on_device(start.device):
             if _use_graphs(input_ids.device, use_graphs):
                 from .graphs import graph_write
                 result = graph_write(model, spec, signature, ops, start, input_ids, attention_mask, steps=steps,

@@ -9,6 +9,7 @@ and host tensors mixed into device ops become visible. The op traces of two inpu
 different values (ids, lengths, memory) must be identical: every shape is a function of B, T, m, d, R.
 A step must not replace any tensor the plan holds (it would live in the step graph's pool).
 """
+import contextlib
 import dataclasses
 import os
 import sys
@@ -420,6 +421,16 @@ class _Recorder:
         self.log = []
         self.stream = "s1"
         self.events = 0
+        self.device = None
+        self.replay_devices = []
+
+    @contextlib.contextmanager
+    def device_context(self, device):
+        previous, self.device = self.device, device
+        try:
+            yield
+        finally:
+            self.device = previous
 
     def current_stream(self, device=None):
         recorder = self
@@ -448,15 +459,17 @@ class _Recorder:
         class Graph:
             def replay(self):
                 recorder.log.append((recorder.stream, name))
+                recorder.replay_devices.append(recorder.device)
         return Graph()
 
 
-def test_graph_write_waits_for_the_previous_write_on_another_stream(monkeypatch):
+def test_graph_write_orders_calls_across_streams_on_the_tensors_device(monkeypatch):
     """A call on a second stream must not refill the static buffers (nor reuse the shared step pool) before
     the first call's replays are done: it waits on an event recorded after them."""
     recorder = _Recorder()
     monkeypatch.setattr(torch.cuda, "current_stream", recorder.current_stream)
     monkeypatch.setattr(torch.cuda, "Event", recorder.Event)
+    monkeypatch.setattr(torch.cuda, "device", recorder.device_context)
     monkeypatch.setattr(graphs, "_LAST_WRITE", {})
     model = model_pair("llama")[0]
     spec, signature = spec_of(model)
@@ -481,6 +494,8 @@ def test_graph_write_waits_for_the_previous_write_on_another_stream(monkeypatch)
     call()
     assert recorder.log == [("s2", "wait", 1), ("s2", "prologue"), ("s2", "step"), ("s2", "step"),
                             ("s2", "record", 2)]
+    # capture and replay run with the tensors' device current (its streams, not another device's)
+    assert recorder.replay_devices == [memory.device] * 6
 
 
 @pytest.mark.gpu
@@ -508,3 +523,31 @@ def test_graph_writes_on_two_streams_match_eager():
     torch.cuda.synchronize()
     for out, ref in zip(outs, expected):
         assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_fast_write_runs_with_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current device: the eager loop (fake CUDA tensors here) runs each step with
+    the tensors' device made current."""
+    import gradmem_fast.engine.write as write_module
+
+    recorder = _Recorder()
+    monkeypatch.setattr(torch.cuda, "device", recorder.device_context)
+    step_devices = []
+
+    def recorded_step(*args, **kwargs):
+        step_devices.append(recorder.device)
+        return write_step(*args, **kwargs)
+    monkeypatch.setattr(write_module, "write_step", recorded_step)
+    model = model_pair("gpt2")[0]
+    ids, mask, memory = _inputs(model, 2, 5, [5, 2], 3, seed=1)
+    spec = describe(model)
+    mode, memo = FakeTensorMode(), {}
+    with mode:
+        spec = _fake_cuda(spec, mode, memo)
+        monkeypatch.setattr(write_module, "spec_of", lambda model: (spec, None))
+        ids, mask, memory = (_fake_cuda(t, mode, memo) for t in (ids, mask, memory))
+        out, losses = write_module.fast_write(model, memory, ids, mask, steps=2, lr=0.5, write_head=None,
+                                              memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
+                                              return_losses=True, op_backend="reference", use_graphs=False)
+    assert out.device == memory.device and losses.shape == (2, 2)
+    assert step_devices == [memory.device] * 2
