@@ -24,24 +24,25 @@ MAX_SAMPLE_SPAN = 2 ** 31
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N of the dK/dV kernel is a multiple of its BLOCK_M.
 FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-DKDV_SHAPES = [(32, 64, 4, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 64, 4, 3)]
+DKDV_SHAPES = [(32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 64, 4, 3)]
 DQ_SHAPES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 
-# The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): the largest
-# tiles without register spills on sm_90 (scripts/compile_kernels.py --autotune 0 lists them).
+# The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): large tiles
+# without register spills on sm_90 (`scripts/compile_kernels.py --autotune 0` lists them). IEEE fp32
+# dots run on the FMA units with both operands in registers, so fp32 takes much smaller tiles, fewer
+# stages at D = 128, and autotunes only over its default and smaller tiles (`fp32_prune`).
+_BF = (128, 64, 8, 3)
 DEFAULT_SHAPES = {
-    "fwd": {(False, 16): (128, 64, 8, 3), (False, 32): (128, 64, 8, 3), (False, 64): (128, 64, 8, 3),
-            (False, 128): (128, 64, 8, 3),
-            (True, 16): (64, 64, 4, 3), (True, 32): (64, 64, 4, 3), (True, 64): (64, 32, 4, 3),
-            (True, 128): (64, 32, 8, 2)},
-    "dkdv": {(False, 16): (32, 64, 4, 3), (False, 32): (32, 64, 4, 3), (False, 64): (32, 64, 4, 3),
-             (False, 128): (32, 64, 4, 2),
-             (True, 16): (32, 64, 4, 3), (True, 32): (32, 64, 4, 3), (True, 64): (32, 64, 4, 2),
-             (True, 128): (16, 32, 4, 2)},
-    "dq": {(False, 16): (128, 64, 8, 3), (False, 32): (128, 64, 8, 3), (False, 64): (128, 64, 8, 3),
-           (False, 128): (64, 64, 4, 2),
-           (True, 16): (64, 64, 4, 3), (True, 32): (64, 64, 4, 3), (True, 64): (64, 32, 4, 2),
-           (True, 128): (32, 32, 4, 2)},
+    "fwd": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): _BF,
+            (True, 16): (64, 32, 8, 2), (True, 32): (64, 32, 8, 2), (True, 64): (64, 32, 8, 2),
+            (True, 128): (32, 16, 8, 2)},
+    "dkdv": {(False, 16): (32, 128, 8, 3), (False, 32): (32, 128, 8, 3), (False, 64): (32, 128, 8, 3),
+             (False, 128): (32, 64, 8, 2),
+             (True, 16): (16, 32, 4, 2), (True, 32): (16, 32, 4, 2), (True, 64): (16, 32, 8, 2),
+             (True, 128): (16, 32, 8, 1)},
+    "dq": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): (64, 64, 4, 3),
+           (True, 16): (64, 32, 8, 2), (True, 32): (64, 32, 8, 2), (True, 64): (64, 32, 8, 2),
+           (True, 128): (32, 16, 4, 2)},
 }
 
 
@@ -65,6 +66,19 @@ def default_shape(table, dtype, D):
 
 
 precision = dot_precision
+
+
+def fp32_prune(table):
+    """Autotuner `early_config_prune`: fp32 inputs are tuned over their default and smaller tiles (the
+    16-bit candidates spill registers on the FMA path and take minutes to compile)."""
+    def prune(configs, nargs, **kwargs):
+        dtype = next(v.dtype for v in nargs.values() if isinstance(v, torch.Tensor))
+        if dtype != torch.float32 or len(configs) == 1:
+            return configs
+        bm, bn, w, st = table[(True, kwargs["BLOCK_D"])]
+        smaller = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)] + smaller
+    return prune
 
 
 def block_d(D):
@@ -330,9 +344,13 @@ def _bwd_dq_kernel(
 
 
 _KEY = ["BLOCK_D", "GROUP", "HAS_LENGTHS"]
-_fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"])(_fwd_kernel)
-_dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY)(_bwd_dq_kernel)
+_fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"],
+                             prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["fwd"])})(_fwd_kernel)
+_dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY,
+                              prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["dkdv"])}
+                              )(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY,
+                            prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["dq"])})(_bwd_dq_kernel)
 
 # ---------------------------------------------------------------- launchers
 

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .attention import (
-    LN2, LOG2E, block_d, configs, default_shape, dkdv_loop, launch, launch_dq, launch_forward, launch_preprocess,
-    online_softmax_step, pick, precision, strides3,
+    LN2, LOG2E, block_d, configs, default_shape, dkdv_loop, fp32_prune, launch, launch_dq, launch_forward,
+    launch_preprocess, online_softmax_step, pick, precision, strides3,
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the 16-bit default. BLOCK_N runs over the m
@@ -22,8 +22,14 @@ MEM_DKDV_SHAPES = [(64, 16, 4, 2), (128, 16, 8, 2), (32, 16, 4, 2), (64, 32, 4, 
                    (32, 64, 4, 3)]
 # see attention.DEFAULT_SHAPES
 DEFAULT_SHAPES = {
-    "ctx": {(fp32, bd): (64, 16, 4, 2) for fp32 in (False, True) for bd in (16, 32, 64, 128)},
-    "mem_dkdv": {(fp32, bd): (64, 16, 4, 2) for fp32 in (False, True) for bd in (16, 32, 64, 128)},
+    "ctx": {(False, 16): (64, 16, 4, 2), (False, 32): (64, 16, 4, 2), (False, 64): (64, 16, 4, 2),
+            (False, 128): (64, 16, 4, 2),
+            (True, 16): (64, 16, 4, 2), (True, 32): (64, 16, 4, 2), (True, 64): (64, 16, 8, 2),
+            (True, 128): (64, 16, 8, 2)},
+    "mem_dkdv": {(False, 16): (64, 16, 4, 2), (False, 32): (64, 16, 4, 2), (False, 64): (64, 16, 4, 2),
+                 (False, 128): (64, 16, 8, 2),
+                 (True, 16): (32, 16, 4, 2), (True, 32): (32, 16, 4, 2), (True, 64): (32, 16, 8, 1),
+                 (True, 128): (32, 16, 8, 1)},
 }
 
 
@@ -132,8 +138,12 @@ def _mem_dkdv_kernel(
 
 
 _KEY = ["BLOCK_D", "GROUP"]
-_ctx_fwd_tuned = triton.autotune(configs(CTX_SHAPES), key=_KEY)(_ctx_fwd_kernel)
-_mem_dkdv_tuned = triton.autotune(configs(MEM_DKDV_SHAPES), key=_KEY)(_mem_dkdv_kernel)
+_ctx_fwd_tuned = triton.autotune(configs(CTX_SHAPES), key=_KEY,
+                                 prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["ctx"])}
+                                 )(_ctx_fwd_kernel)
+_mem_dkdv_tuned = triton.autotune(configs(MEM_DKDV_SHAPES), key=_KEY,
+                                  prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["mem_dkdv"])}
+                                  )(_mem_dkdv_kernel)
 
 
 def memory_attention_forward(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, scale, *, out=None, blocks=None):

@@ -10,7 +10,7 @@ registers, then lists the spilling ones; exits 1 if any compile fails. `--autotu
 what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim).
 
     python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128] [-j 2]
-                                      [--autotune 0]
+                                      [--autotune 0] [--ops attention,head_loss]
 """
 import argparse
 import concurrent.futures as cf
@@ -47,7 +47,8 @@ def _record_jit(self, *args, grid, warmup, **kwargs):
 def _record_autotuned(self, *args, **kwargs):
     kwargs.pop("grid", None)
     kwargs.pop("warmup", None)
-    for config in self.configs:
+    self.nargs = dict(zip(self.arg_names, args))
+    for config in self.prune_configs(kwargs):  # the configs the autotuner would time
         _launches.append((self.fn, args, {**kwargs, **config.all_kwargs()}))
 
 
@@ -86,16 +87,18 @@ def head_loss_launches(dtype, d, V, N=16):
         head_loss(hidden, weight, targets, row_weights, torch.empty(N), torch.empty_like(hidden), method=method)
 
 
-def collect(dtypes, head_dims):
+def collect(dtypes, head_dims, ops=("attention", "head_loss")):
     JITFunction.run, Autotuner.run = _record_jit, _record_autotuned
     for name in dtypes:
         dtype = DTYPES[name]
-        for D in head_dims:
-            for Hq, Hkv in ((4, 4), (8, 2)):  # GROUP 1 (GPT-2) and 4 (Llama GQA)
-                attention_launches(dtype, D, Hq, Hkv)
-        # GPT-2, Llama-3.2-1B and the small KV-retrieval model's head
-        for d, V in ((768, 50257), (2048, 128256), (128, 70)):
-            head_loss_launches(dtype, d, V)
+        if "attention" in ops:
+            for D in head_dims:
+                for Hq, Hkv in ((4, 4), (8, 2)):  # GROUP 1 (GPT-2) and 4 (Llama GQA)
+                    attention_launches(dtype, D, Hq, Hkv)
+        if "head_loss" in ops:
+            # GPT-2, Llama-3.2-1B and the small KV-retrieval model's head
+            for d, V in ((768, 50257), (2048, 128256), (128, 70)):
+                head_loss_launches(dtype, d, V)
 
 
 def specialise(fn, args, kwargs):
@@ -165,13 +168,14 @@ def main(argv=None):
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     # sm_90's shared memory per block; an autotuning config above it is skipped at launch
     ap.add_argument("--smem-limit", type=int, default=232448)
+    ap.add_argument("--ops", default="attention,head_loss", help="which kernels: attention, head_loss")
     ap.add_argument("--autotune", type=int, choices=(0, 1), default=1,
                     help="0: only the configs launched with GRADMEM_FAST_AUTOTUNE=0")
     args = ap.parse_args(argv)
     # read when the kernel modules are imported (their config lists) and at each launch
     os.environ["GRADMEM_FAST_AUTOTUNE"] = str(args.autotune)
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cache-"))
-    collect(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")])
+    collect(args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], args.ops.split(","))
     jobs, seen = _jobs, set()
     for fn, a, kw in _launches:
         sig, const, attrs, opts = specialise(fn, a, kw)

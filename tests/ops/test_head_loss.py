@@ -291,6 +291,26 @@ def test_gpu_within_twice_plain_torch_error(impl, d, V, dtype, ratio):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype, ratio", [(torch.bfloat16, 2.0)])
+@pytest.mark.parametrize("method", ["chunked", "fused"])
+def test_gpu_documented_limits(method, dtype, ratio):
+    """The largest head the op documents, V = 256k and d = 4096, with inputs made on the card."""
+    N, V, d = 300, 256 * 1024, 4096
+    g = torch.Generator(device="cuda").manual_seed(59)
+    hidden = (2.0 * torch.randn(N, d, generator=g, device="cuda")).to(dtype)
+    weight = (0.02 * torch.randn(V, d, generator=g, device="cuda")).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g, device="cuda")
+    targets[-1] = V - 1
+    row_weights = torch.full((N,), 1.0 / N, device="cuda")
+    row_weights[:7] = 0.0
+    loss_ref, grad_ref = fused_head_loss_reference(hidden.double(), weight.double(), targets, row_weights.double())
+    loss, grad = run_impl(method, hidden, weight, targets, row_weights)
+    live = row_weights != 0
+    assert_accuracy(loss, grad, loss_ref, grad_ref, live, (hidden, weight, targets, row_weights), None, ratio)
+    assert (loss[~live] == 0).all() and (grad[~live] == 0).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rtol", [1e-5])
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 def test_gpu_float32_is_true_float32(impl, rtol, monkeypatch):

@@ -50,7 +50,8 @@ def launches(monkeypatch):
         seen.append(Launch(_name(self), resolve(grid, kwargs), args, kwargs))
 
     def run_tuned(self, *args, grid=None, warmup=False, **kwargs):
-        for config in self.configs:
+        self.nargs = dict(zip(self.arg_names, args))
+        for config in self.prune_configs(kwargs):
             kw = {**kwargs, **config.all_kwargs()}
             seen.append(Launch(_name(self), resolve(grid, kw), args, kw))
 
@@ -240,7 +241,8 @@ def test_default_shapes_are_valid_tiles():
             assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1, kind
             if kind == "dkdv":
                 assert bn % bm == 0
-    for kind, shapes in (("fwd", A.FWD_SHAPES), ("dq", A.DQ_SHAPES), ("mem_dkdv", L0.MEM_DKDV_SHAPES)):
+    for kind, shapes in (("fwd", A.FWD_SHAPES), ("dkdv", A.DKDV_SHAPES), ("dq", A.DQ_SHAPES),
+                         ("mem_dkdv", L0.MEM_DKDV_SHAPES)):
         bm, bn, _, _ = tables[kind][(False, 64)]
         assert bm * bn > min(s[0] * s[1] for s in shapes), kind
 
@@ -249,23 +251,27 @@ def test_default_shapes_are_valid_tiles():
 
 
 @pytest.mark.gpu
-def test_gpu_batch_split_past_the_grid_limit():
+def test_gpu_batch_split_and_64_bit_batch_offsets():
+    """B * Hq = 544000 > 65535 (the launchers split the batch) and the last samples of q, o, do and dq
+    start past 2**31 elements (64-bit batch offsets); about 22 GB."""
     from gradmem_fast.ops import attention as ops
 
-    B, S, Hq, Hkv, D = 2100, 24, 32, 8, 64  # B * Hq = 67200 > 65535
+    B, S, Hq, Hkv, D = 17000, 64, 32, 8, 64
+    assert (B - 1) * S * Hq * D > 2 ** 31
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, S, h, D, generator=g, device="cuda", dtype=torch.bfloat16)
                    for h in (Hq, Hkv, Hkv, Hq))
     lengths = torch.randint(1, S + 1, (B,), generator=g, device="cuda", dtype=torch.int32)
     o, lse = ops.attention_forward(q, k, v, lengths, 0.125, backend="kernel")
     grads = ops.attention_backward(do, q, k, v, o, lse, lengths, 0.125, backend="kernel")
-    tail = slice(B - 40, B)  # samples only the second launch covers
-    ref_o, ref_lse = ops.attention_forward_reference(q[tail], k[tail], v[tail], lengths[tail], 0.125)
-    ref_grads = ops.attention_backward_reference(do[tail], q[tail], k[tail], v[tail], ref_o, ref_lse, lengths[tail],
-                                                 0.125)
-    assert rel_err(o[tail], ref_o) < 2e-2 and rel_err(lse[tail], ref_lse) < 1e-5
-    for x, r in zip(grads, ref_grads):
-        assert rel_err(x[tail], r) < 3e-2
+    torch.cuda.synchronize()
+    for part in (slice(0, 20), slice(B - 20, B)):
+        ref_o, ref_lse = ops.attention_forward_reference(q[part], k[part], v[part], lengths[part], 0.125)
+        ref_grads = ops.attention_backward_reference(do[part], q[part], k[part], v[part], ref_o, ref_lse,
+                                                     lengths[part], 0.125)
+        assert rel_err(o[part], ref_o) < 2e-2 and rel_err(lse[part], ref_lse) < 1e-5
+        for x, r in zip(grads, ref_grads):
+            assert rel_err(x[part], r) < 3e-2
 
 
 @pytest.mark.gpu
@@ -296,3 +302,20 @@ def test_gpu_fp32_attention_precision(monkeypatch, autotune, D, fp32_precision, 
     assert max(errors) < tol, errors
     if fp32_precision == "tf32":
         assert max(errors) > 1e-5, errors  # the switch reached the kernels
+
+
+@pytest.mark.parametrize("kind, shapes", [("fwd", "FWD_SHAPES"), ("dkdv", "DKDV_SHAPES"), ("dq", "DQ_SHAPES")])
+def test_fp32_autotuning_keeps_the_default_and_smaller_tiles(kind, shapes):
+    import triton
+
+    from gradmem_fast.kernels import attention as A
+
+    candidates = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                  for bm, bn, w, s in getattr(A, shapes)]
+    prune = A.fp32_prune(A.DEFAULT_SHAPES[kind])
+    for D in (32, 128):
+        bm, bn, w, s = A.DEFAULT_SHAPES[kind][(True, D)]
+        first, *rest = prune(candidates, {"Q": torch.empty(0)}, BLOCK_D=D)
+        assert (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages) == (bm, bn, w, s)
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn for c in rest)
+        assert prune(candidates, {"Q": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_D=D) == candidates
