@@ -319,3 +319,33 @@ def test_fp32_autotuning_keeps_the_default_and_smaller_tiles(kind, shapes):
         assert (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages) == (bm, bn, w, s)
         assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn for c in rest)
         assert prune(candidates, {"Q": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_D=D) == candidates
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6)])
+def test_batch_split_matches_float64(monkeypatch, dtype, tol):
+    """With the grid limit lowered so that a batch of 3 is launched in pieces (1 sample per launch at
+    4 query heads, 2 at 2 kv heads), the full and layer-0 paths still match float64 autograd."""
+    from gradmem_fast.kernels import attention as K
+    from gradmem_fast.ops import attention as ops
+    from test_attention import SCALE, err, float64_truth, make_qkv
+    from test_attention_layer0 import layer0_path
+
+    pieces = []
+    batch_ranges = K.batch_ranges
+    monkeypatch.setattr(K, "MAX_GRID_Y", 5)
+    monkeypatch.setattr(K, "batch_ranges", lambda B, heads: pieces.append(batch_ranges(B, heads)) or pieces[-1])
+    B, m, T, Hq, Hkv, D = 3, 8, 29, 4, 2, 32
+    q, k, v = make_qkv(B, m + T, Hq, Hkv, D, dtype, seed=23)
+    lc = torch.tensor([29, 1, 0], dtype=torch.int32)
+    lens = lc + m
+    do = torch.randn(B, m + T, Hq, D, generator=torch.Generator().manual_seed(5)).to(dtype)
+    truth = float64_truth(q, k, v, lens, do, SCALE)
+    o, lse = ops.attention_forward(q, k, v, lens, SCALE, backend="kernel")
+    grads = ops.attention_backward(do, q, k, v, o, lse, lens, SCALE, backend="kernel")
+    for name, x, ref in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), truth):
+        assert err(x, ref) < tol, f"{name}: {err(x, ref):.3g}"
+    o, lse, grads = layer0_path(q, k, v, m, lc, do, "kernel")
+    for name, x, ref in zip(("o", "lse", "dq_mem", "dk_mem", "dv_mem"), (o, lse, *grads),
+                            (truth[0], truth[1], *(g[:, :m] for g in truth[2:]))):
+        assert err(x, ref) < tol, f"layer 0 {name}: {err(x, ref):.3g}"
+    assert [(0, 1), (1, 2), (2, 3)] in pieces and [(0, 2), (2, 3)] in pieces
