@@ -150,10 +150,10 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
         del warm
     torch.cuda.current_stream(memory.device).wait_stream(side)
     pro_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(pro_graph):
+    with torch.cuda.graph(pro_graph, capture_error_mode="thread_local"):
         plan = prologue()
     step_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(step_graph, pool=shared_pool(memory.device)):
+    with torch.cuda.graph(step_graph, pool=shared_pool(memory.device), capture_error_mode="thread_local"):
         write_step(plan, memory, lr, step_loss, clip_value, clip_norm)
     memory.copy_(saved_memory)
     return GraphEntry(model_ref=weakref.ref(model), ids=ids, mask=mask, memory=memory, lr=lr,
