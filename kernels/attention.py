@@ -22,9 +22,10 @@ MAX_GRID_Y = 65535
 # the kernels address one sample of one tensor with 32-bit offsets
 MAX_SAMPLE_SPAN = 2 ** 31
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N of the dK/dV kernel is a multiple of its BLOCK_M.
+# Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the 16-bit default at
+# D <= 64; BLOCK_N of the dK/dV kernel is a multiple of its BLOCK_M.
 FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-DKDV_SHAPES = [(32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 64, 4, 3)]
+DKDV_SHAPES = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2)]
 DQ_SHAPES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 
 # The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): large tiles
