@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._triton import interpreter_on
+from .device import on_device
 from .precision import dot_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -393,9 +394,10 @@ def launch(kernel, grid, B, heads, args, kwargs):
         if isinstance(a, torch.Tensor) and sample_span(a) >= MAX_SAMPLE_SPAN:
             raise ValueError(f"a {tuple(a.shape)} tensor with strides {a.stride()} spans {sample_span(a)} elements "
                              f"per sample; the attention kernels address a sample with 32-bit offsets")
-    for b0, b1 in batch_ranges(B, heads):
-        part = args if (b0, b1) == (0, B) else [a[b0:b1] if isinstance(a, torch.Tensor) else a for a in args]
-        kernel[grid(b1 - b0)](*part, **kwargs)
+    with on_device(args[0]):
+        for b0, b1 in batch_ranges(B, heads):
+            part = args if (b0, b1) == (0, B) else [a[b0:b1] if isinstance(a, torch.Tensor) else a for a in args]
+            kernel[grid(b1 - b0)](*part, **kwargs)
 
 
 def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_out=False, blocks=None):

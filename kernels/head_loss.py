@@ -17,6 +17,7 @@ import triton.language as tl
 
 from gradmem_fast._triton import interpreter_on
 
+from .device import on_device
 from .precision import dot_precision
 
 METHODS = ("chunked", "fused")
@@ -238,9 +239,10 @@ def head_loss(hidden, weight, targets, row_weights, loss, grad, *, method=None, 
         weight = weight.contiguous()
     targets = targets.contiguous()
     row_weights = row_weights.contiguous()
-    if method == "chunked":
-        _chunked(hidden, weight, targets, row_weights, loss, grad, chunk_rows, workspace)
-    elif method == "fused":
-        _fused(hidden, weight, targets, row_weights, loss, grad, workspace)
-    else:
+    if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
+    with on_device(hidden):
+        if method == "chunked":
+            _chunked(hidden, weight, targets, row_weights, loss, grad, chunk_rows, workspace)
+        else:
+            _fused(hidden, weight, targets, row_weights, loss, grad, workspace)

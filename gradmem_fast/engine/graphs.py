@@ -93,10 +93,10 @@ def shared_pool(device):
 def matmul_settings():
     """The matmul settings a capture bakes in (cuBLAS math mode, the Triton kernels' fp32 dot precision):
     (TF32 allowed for float32, fp16 and bf16 reduced-precision reductions allowed)."""
+    from ..kernels.precision import tf32_allowed
+
     matmul = torch.backends.cuda.matmul
-    # fp32_precision (torch >= 2.9) also reflects allow_tf32 and set_float32_matmul_precision
-    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else bool(matmul.allow_tf32)
-    return (tf32, bool(matmul.allow_fp16_reduced_precision_reduction),
+    return (tf32_allowed(), bool(matmul.allow_fp16_reduced_precision_reduction),
             bool(matmul.allow_bf16_reduced_precision_reduction))
 
 

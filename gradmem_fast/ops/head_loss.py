@@ -141,7 +141,8 @@ def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad
     hidden's dtype): loss_i = logsumexp(h_i W^T) - (h_i W^T)[t_i] (0 where w_i == 0) and
     grad_i = w_i (softmax(h_i W^T) - onehot(t_i)) W, accumulated in fp32. Logits never exist in full:
     the extra memory is a fixed-size chunk independent of N * V (plus an fp32 (N, d) buffer on the
-    all-Triton path). fp32 inputs use true fp32 products unless torch.backends.cuda.matmul.allow_tf32.
+    all-Triton path). fp32 inputs use true fp32 products unless torch allows TF32 for float32 matmuls
+    (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, `allow_tf32` or `set_float32_matmul_precision`).
 
     loss_out / grad_out: preallocated outputs to write into (reused across calls, e.g. in a CUDA graph).
     backend: "auto" (the Triton kernels when they can run, else the PyTorch twin), "kernel" (raise
