@@ -37,7 +37,7 @@ class HeadRows:
     hidden: Optional[torch.Tensor]  # (R, d) gathered final-norm rows (B > 1)
     loss_rows: torch.Tensor  # (R,) fp32 head output
     grad_rows: torch.Tensor  # (R, d) head output
-    loss: torch.Tensor  # (B*T,) fp32 per-position loss, 0 where no head row writes
+    loss_matrix: torch.Tensor  # (B, R) fp32: row weight where the head row belongs to sample b, else 0
     d_final: torch.Tensor  # (B*S, d) gradient of the final-norm output: zero outside the head rows
 
 
@@ -83,20 +83,23 @@ def head_rows(real, targets, row_weights, head, B, T, m, R):
     if B == 1:
         pos = index = hidden = None
         head_targets, head_weights = targets[:R], row_weights[:R]
-        loss = torch.zeros(T, dtype=torch.float32, device=device)
+        loss_matrix = head_weights.view(1, R)
         d_final = torch.zeros(S, d, dtype=head.dtype, device=device)
-        loss_rows, grad_rows = loss[:R], d_final[m - 1:m - 1 + R]
+        loss_rows = torch.empty(R, dtype=torch.float32, device=device)
+        grad_rows = d_final[m - 1:m - 1 + R]
     else:
         pos = real_first(real.reshape(B * T), R)
         index = pos // T * S + (pos % T + (m - 1))
         head_targets, head_weights = targets[pos], row_weights[pos]
         hidden = torch.empty(R, d, dtype=head.dtype, device=device)
-        loss = torch.zeros(B * T, dtype=torch.float32, device=device)
+        loss_matrix = torch.zeros(B, R, dtype=torch.float32, device=device)
+        loss_matrix.scatter_(0, (pos // T)[None], head_weights[None])
         d_final = torch.zeros(B * S, d, dtype=head.dtype, device=device)
         loss_rows = torch.empty(R, dtype=torch.float32, device=device)
         grad_rows = torch.empty(R, d, dtype=head.dtype, device=device)
     return HeadRows(weight=head, R=R, pos=pos, index=index, targets=head_targets, weights=head_weights,
-                    hidden=hidden, loss_rows=loss_rows, grad_rows=grad_rows, loss=loss, d_final=d_final)
+                    hidden=hidden, loss_rows=loss_rows, grad_rows=grad_rows, loss_matrix=loss_matrix,
+                    d_final=d_final)
 
 
 def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head=None, memory_proj=None,

@@ -25,7 +25,7 @@ def memory_in_backward(plan, d_x):
 
 def forward_backward(plan, memory, step_loss):
     """Gradient of sum_b L_b w.r.t. memory (B, m, d); writes each sample's loss into step_loss (B,)."""
-    spec, ops, m, T = plan.spec, plan.ops, plan.m, plan.T
+    spec, ops, m = plan.spec, plan.ops, plan.m
     pending, h, saved0 = layer0_forward(plan, memory_in(plan, memory))
     saved = []
     for layer in spec.layers[1:]:
@@ -40,9 +40,8 @@ def forward_backward(plan, memory, step_loss):
     ops.head_loss(hidden, head.weight, head.targets, head.weights, head.loss_rows, head.grad_rows)
     if head.index is not None:
         # every other row of d_final stays zero for the whole write: no per-step clearing
-        head.loss.index_copy_(0, head.pos, head.loss_rows)
         head.d_final.index_copy_(0, head.index, head.grad_rows)
-    torch.sum(head.loss.view(plan.B, T) * plan.sample_weights, dim=1, out=step_loss)
+    torch.mv(head.loss_matrix, head.loss_rows, out=step_loss)  # sum_i w_i loss_i per sample, one launch
     g = ops.add_norm_backward(head.d_final.view(y.shape), None, h_final, spec.final_norm, s_final,
                               spec.norm_kind)
     for layer, s in zip(reversed(spec.layers[1:]), reversed(saved)):
