@@ -71,7 +71,7 @@ GPU_TESTS_S=$(left 180)
 step gpu-tests $((GPU_TESTS_S + 10)) "$OUT/gpu-tests.log" \
     python scripts/run_gpu_tests.py --out "$OUT" --seconds "$GPU_TESTS_S"
 
-bench_args=(--quick --out-dir "$OUT/results")
+bench_args=(--quick --profile --out-dir "$OUT/results")
 junits=()
 for f in "$OUT"/gpu-tests-*.xml; do [ -s "$f" ] && junits+=("$f"); done
 [ "${#junits[@]}" -gt 0 ] && bench_args+=(--gpu-tests "${junits[@]}")

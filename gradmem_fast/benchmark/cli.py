@@ -26,6 +26,8 @@ def _parser():
     p.add_argument("--out-dir", default=DEFAULT_OUT, help=f"where JSON and PNG go (default {DEFAULT_OUT})")
     p.add_argument("--gpu-tests", metavar="FILE", nargs="+",
                    help="pytest junit xml files or summaries whose counts, summed, fill gpu_tests")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fast write per case (torch.profiler): busy time, launches, top kernels")
     p.add_argument("--plot", metavar="FILE.json", help="only draw the PNG of an existing result JSON")
     p.add_argument("--png", metavar="FILE.png", help="PNG path (default: beside the JSON)")
     return p
@@ -93,6 +95,7 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
 
+    from .profile import format_profile
     from .runner import run
 
     paths = {}
@@ -101,10 +104,13 @@ def main(argv=None):
         paths["json"] = report.write_json(result, args.out_dir)
 
     result = run(case_list, args.device, warmup=warmup, repeats=repeats, compile_cases=compile_cases,
-                 gpu_tests=gpu_tests, on_case=save, log=lambda s: print(s, flush=True))
+                 gpu_tests=gpu_tests, profile=args.profile, on_case=save, log=lambda s: print(s, flush=True))
     result["quick"] = args.quick
     save(result)
     print(report.format_table(result))
+    for case in result["cases"]:
+        if "fast_profile" in case:
+            print(format_profile(case["case"], case["fast_profile"]))
     print(f"wrote {paths['json']} and latest.json")
     png = args.png or os.path.splitext(paths["json"])[0] + ".png"
     try:

@@ -10,6 +10,7 @@ from ..api import write
 from . import cases as cases_mod
 from .floor import floor_ms, measure_matmul_tflops
 from .plain_loop import compile_model, plain_write
+from .profile import profile_call
 
 # Cases whose compiled loop a quick run keeps: the ones with a compiled-loop target.
 QUICK_COMPILE = ("gpt2-latency", "llama1b-latency")
@@ -90,8 +91,9 @@ def _measure(name, fn, device, warmup, repeats, entry):
     return holder.get("out")
 
 
-def run_case(case, device, *, warmup, repeats, compiled, matmul_tflops, seed=0):
-    """One case: plain loop, compiled loop (when `compiled`), reference and fast writers."""
+def run_case(case, device, *, warmup, repeats, compiled, matmul_tflops, profile=False, seed=0):
+    """One case: plain loop, compiled loop (when `compiled`), reference and fast writers; with `profile`,
+    entry["fast_profile"] summarises one more fast write under torch.profiler (see profile.py)."""
     model = cases_mod.build_model(case, device, seed=seed)
     ids, memory = cases_mod.make_inputs(case, device, seed=seed)
     K, lr = case.K, cases_mod.LR
@@ -122,6 +124,12 @@ def run_case(case, device, *, warmup, repeats, compiled, matmul_tflops, seed=0):
             device, warmup, repeats, entry)
 
     _ratios(entry, outputs)
+    if profile and entry["fast_ms"] is not None:
+        try:
+            entry["fast_profile"] = profile_call(
+                lambda: write(model, memory, ids, steps=K, lr=lr, backend="fast"), device)
+        except Exception as exc:  # the profile is extra information; its failure must not lose the case
+            entry["fast_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
     del model, outputs
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -168,7 +176,7 @@ def environment(device, matmul_tflops):
 
 
 def run(case_list, device="cuda", *, warmup=2, repeats=5, compile_cases=(), gpu_tests=None,
-        on_case=None, log=print):
+        profile=False, on_case=None, log=print):
     """The benchmark result (see benchmarks/results/README.md); `on_case(result)` after each case."""
     is_cuda = torch.device(device).type == "cuda"
     notes = []
@@ -189,7 +197,8 @@ def run(case_list, device="cuda", *, warmup=2, repeats=5, compile_cases=(), gpu_
         for case in case_list:
             log(f"case {case.name}: B={case.B} T={case.T} m={case.m} K={case.K} {case.dtype}")
             entry = run_case(case, device, warmup=warmup, repeats=repeats,
-                             compiled=case.name in compile_cases, matmul_tflops=matmul_tflops)
+                             compiled=case.name in compile_cases, matmul_tflops=matmul_tflops,
+                             profile=profile)
             result["cases"].append(entry)
             if on_case is not None:
                 on_case(result)
