@@ -11,6 +11,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..models.spec import Linear
+
 
 def linear(x, lin):
     return F.linear(x, lin.weight, lin.bias)
@@ -21,39 +23,51 @@ def linear_input_grad(dy, lin):
     return torch.matmul(dy, lin.weight)
 
 
-def _qkv(spec, layer, x):
-    from ..models.qkv import qkv_project
-    return qkv_project(spec, layer, x, validate=False)
+def qkv_linears(spec):
+    """Per layer, the q/k/v projection as one Linear: the model's own for the concat and per_head layouts;
+    for separate q, k, v their concatenation, output rows [q | k | v] (a copy made once per write, so one
+    GEMM replaces three in each direction). A missing bias beside present ones is taken as zero."""
+    if spec.qkv_layout != "separate":
+        return tuple(layer.qkv for layer in spec.layers)
+    fused = []
+    for layer in spec.layers:
+        parts = (layer.q, layer.k, layer.v)
+        weight = torch.cat([p.weight for p in parts])
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.cat([p.weight.new_zeros(p.weight.shape[0]) if p.bias is None else p.bias for p in parts])
+        fused.append(Linear(weight, bias))
+    return tuple(fused)
 
 
-def _qkv_backward(spec, layer, dq, dk, dv):
-    from ..models.qkv import qkv_project_backward
-    return qkv_project_backward(spec, layer, dq, dk, dv, validate=False)
+def _per_head(spec):
+    return spec.qkv_layout == "per_head"
 
 
-def qkv_grad_buffers(spec, layer, q, k):
-    """(dy, (dq, dk, dv)) for a fused q/k/v projection, else (None, None).
-
-    dy (B, S, out) is laid out like the projection output and dq, dk, dv are views into it, so the
-    attention backward writes its gradients in place and the input gradient is one GEMM `dy W`,
-    with no (B, S, out) concatenation of dq, dk, dv in between.
-    """
-    if spec.qkv_layout not in ("concat", "per_head"):
-        return None, None
-    H, Hkv, hd = q.shape[2], k.shape[2], q.shape[3]
-    lead = q.shape[:2]
-    dy = torch.empty(*lead, layer.qkv.weight.shape[0], dtype=q.dtype, device=q.device)
-    if spec.qkv_layout == "concat":
-        dq, dk, dv = dy.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
-        return dy, (dq.unflatten(-1, (H, hd)), dk.unflatten(-1, (Hkv, hd)), dv.unflatten(-1, (Hkv, hd)))
-    return dy, tuple(dy.view(*lead, H, 3, hd).unbind(-2))
+def _split_qkv(spec, y):
+    """y (B, S, out) laid out like the projection output -> (q, k, v, qk): (B, S, H, hd) views, and qk the
+    (B, S, H + Hkv, hd) view of q and k together ([q | k | v] layouts), so one rotary launch covers both."""
+    H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if _per_head(spec):
+        q, k, v = y.unflatten(-1, (H, 3, hd)).unbind(-2)
+        return q, k, v, None
+    qk, v = y.split(((H + Hkv) * hd, Hkv * hd), dim=-1)
+    qk = qk.unflatten(-1, (H + Hkv, hd))
+    return qk[..., :H, :], qk[..., H:, :], v.unflatten(-1, (Hkv, hd)), qk
 
 
-def qkv_input_grad(spec, layer, dy, dq, dk, dv):
-    """Input gradient of the q/k/v projection (B, S, d); dy from qkv_grad_buffers or None."""
-    if dy is None:
-        return _qkv_backward(spec, layer, dq, dk, dv)
-    return torch.matmul(dy, layer.qkv.weight)
+def qkv_project(spec, lin, x):
+    """x (B, S, d) -> (q, k, v, qk) of _split_qkv, bias added, rotary not applied."""
+    return _split_qkv(spec, linear(x, lin))
+
+
+def qkv_grad_buffers(spec, lin, q):
+    """(dy, (dq, dk, dv), dqk): dy (B, S, out) laid out like the projection output, dq, dk, dv (and dq, dk
+    together) views into it, so the attention backward writes its gradients in place and the input
+    gradient is one GEMM `dy W`, with no (B, S, out) concatenation of dq, dk, dv in between."""
+    dy = torch.empty(*q.shape[:2], lin.weight.shape[0], dtype=q.dtype, device=q.device)
+    dq, dk, dv, dqk = _split_qkv(spec, dy)
+    return dy, (dq, dk, dv), dqk
 
 
 # ------------------------------------------------------------------ MLP
@@ -83,30 +97,31 @@ def mlp_backward(spec, ops, layer, g, pre):
 # ------------------------------------------------------------------ attention
 
 
-def _rotate_(spec, ops, x, cos, sin, inverse=False):
-    if spec.rotary is not None:
+def _rotate_qk_(spec, ops, q, k, qk, cos, sin, inverse=False):
+    """Rotary on q and k in place."""
+    if spec.rotary is None:
+        return
+    for x in (q, k):
         ops.apply_rotary_(x, cos, sin, spec.rotary, inverse=inverse)
 
 
-def attention_block_forward(spec, ops, layer, a, lengths, rope):
+def attention_block_forward(spec, ops, layer, qkv_lin, a, lengths, rope):
     """Attention over all S rows (layers >= 1). a (B, S, d) normed input -> (out (B, S, d), saved)."""
-    q, k, v = _qkv(spec, layer, a)
+    q, k, v, qk = qkv_project(spec, qkv_lin, a)
     cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
-    _rotate_(spec, ops, q, cos, sin)
-    _rotate_(spec, ops, k, cos, sin)
+    _rotate_qk_(spec, ops, q, k, qk, cos, sin)
     o, lse = ops.attention_forward(q, k, v, lengths, spec.attn_scale)
     return linear(o.flatten(2), layer.o), (q, k, v, o, lse)
 
 
-def attention_block_backward(spec, ops, layer, g, saved, lengths, rope):
+def attention_block_backward(spec, ops, layer, qkv_lin, g, saved, lengths, rope):
     q, k, v, o, lse = saved
     do = linear_input_grad(g, layer.o).view(o.shape)
-    dy, out = qkv_grad_buffers(spec, layer, q, k)
+    dy, out, dqk = qkv_grad_buffers(spec, qkv_lin, q)
     dq, dk, dv = ops.attention_backward(do, q, k, v, o, lse, lengths, spec.attn_scale, out=out)
     cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
-    _rotate_(spec, ops, dq, cos, sin, inverse=True)
-    _rotate_(spec, ops, dk, cos, sin, inverse=True)
-    return qkv_input_grad(spec, layer, dy, dq, dk, dv)
+    _rotate_qk_(spec, ops, dq, dk, dqk, cos, sin, inverse=True)
+    return linear_input_grad(dy, qkv_lin)
 
 
 # ------------------------------------------------------------------ layer 0 constants
@@ -120,15 +135,13 @@ class Layer0Context:
     mlp_rows: Optional[torch.Tensor]  # (B, m + T, d) MLP output, context rows filled once (parallel only)
 
 
-def layer0_context(spec, ops, x_ctx, ctx_lengths, ctx_tables, m):
+def layer0_context(spec, ops, qkv_lin, x_ctx, ctx_lengths, ctx_tables, m):
     """The layer-0 work on the context rows that no memory can change. x_ctx (B, T, d)."""
     layer = spec.layers[0]
     a_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.attn_norm, spec.norm_kind)
-    q, k, v = _qkv(spec, layer, a_ctx)
+    q, k, v, qk = qkv_project(spec, qkv_lin, a_ctx)
     if spec.rotary is not None:
-        cos, sin = ctx_tables
-        _rotate_(spec, ops, q, cos, sin)
-        _rotate_(spec, ops, k, cos, sin)
+        _rotate_qk_(spec, ops, q, k, qk, *ctx_tables)
     state = ops.context_attention_state(q, k, v, ctx_lengths, spec.attn_scale)
     B, T, d = x_ctx.shape
     rows = x_ctx.new_empty(B, m + T, d)
@@ -149,10 +162,9 @@ def layer0_forward(plan, x_mem):
     spec, ops, ctx = plan.spec, plan.ops, plan.layer0
     layer = spec.layers[0]
     a_mem, _, s1 = ops.add_norm_forward(x_mem, None, layer.attn_norm, spec.norm_kind)
-    q, k, v = _qkv(spec, layer, a_mem)
+    q, k, v, qk = qkv_project(spec, plan.qkv[0], a_mem)
     if plan.rope is not None:
-        _rotate_(spec, ops, q, plan.rope.cos_mem, plan.rope.sin_mem)
-        _rotate_(spec, ops, k, plan.rope.cos_mem, plan.rope.sin_mem)
+        _rotate_qk_(spec, ops, q, k, qk, plan.rope.cos_mem, plan.rope.sin_mem)
     o, lse = ops.memory_attention_forward(q, k, v, ctx.q_ctx, ctx.state, plan.ctx_lengths, spec.attn_scale)
     attn_out = linear(o.flatten(2), layer.o)
     # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
@@ -186,13 +198,12 @@ def layer0_backward(plan, g, saved):
         g_mem = g_attn[:, :m]
     q, k, v, o, lse = attn_saved
     do = linear_input_grad(g_attn, layer.o).view(o.shape)
-    dy, out = qkv_grad_buffers(spec, layer, q, k)
+    dy, out, dqk = qkv_grad_buffers(spec, plan.qkv[0], q)
     dq, dk, dv = ops.memory_attention_backward(do, q, k, v, ctx.q_ctx, o, lse, plan.ctx_lengths,
                                                spec.attn_scale, out=out)
     if plan.rope is not None:
-        _rotate_(spec, ops, dq, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
-        _rotate_(spec, ops, dk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
-    d_a = qkv_input_grad(spec, layer, dy, dq, dk, dv)
+        _rotate_qk_(spec, ops, dq, dk, dqk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
+    d_a = linear_input_grad(dy, plan.qkv[0])
     g_mem = g_mem.contiguous()
     d_x = ops.add_norm_backward(d_a, g_mem, x_mem, layer.attn_norm, s1, spec.norm_kind)
     if spec.parallel_residual:
@@ -200,11 +211,13 @@ def layer0_backward(plan, g, saved):
     return d_x
 
 
-def layer_forward(plan, layer, pending, h):
-    """A layer >= 1: (pending, h) -> (pending', h', saved)."""
+def layer_forward(plan, i, pending, h):
+    """Layer i >= 1: (pending, h) -> (pending', h', saved)."""
     spec, ops = plan.spec, plan.ops
+    layer = spec.layers[i]
     a, h1, s1 = ops.add_norm_forward(pending, h, layer.attn_norm, spec.norm_kind)
-    attn_out, attn_saved = attention_block_forward(spec, ops, layer, a, plan.full_lengths, plan.rope)
+    attn_out, attn_saved = attention_block_forward(spec, ops, layer, plan.qkv[i], a, plan.full_lengths,
+                                                   plan.rope)
     if spec.parallel_residual:
         b, _, s2 = ops.add_norm_forward(h1, None, layer.mlp_norm, spec.norm_kind)
         mlp_out, pre = mlp_forward(spec, ops, layer, b)
@@ -214,17 +227,19 @@ def layer_forward(plan, layer, pending, h):
     return mlp_out, h2, (h1, s1, attn_saved, h2, s2, pre)
 
 
-def layer_backward(plan, layer, g, saved):
-    """g (B, S, d) gradient of the stream after the layer -> gradient of the stream before it."""
+def layer_backward(plan, i, g, saved):
+    """g (B, S, d) gradient of the stream after layer i -> gradient of the stream before it."""
     spec, ops = plan.spec, plan.ops
+    layer = spec.layers[i]
     if spec.parallel_residual:
         h1, s1, attn_saved, s2, pre = saved
         d_b = mlp_backward(spec, ops, layer, g, pre)
-        d_a = attention_block_backward(spec, ops, layer, g, attn_saved, plan.full_lengths, plan.rope)
+        d_a = attention_block_backward(spec, ops, layer, plan.qkv[i], g, attn_saved, plan.full_lengths, plan.rope)
         g1 = ops.add_norm_backward(d_a, g, h1, layer.attn_norm, s1, spec.norm_kind)
         return ops.add_norm_backward(d_b, g1, h1, layer.mlp_norm, s2, spec.norm_kind)
     h1, s1, attn_saved, h2, s2, pre = saved
     d_b = mlp_backward(spec, ops, layer, g, pre)
     g2 = ops.add_norm_backward(d_b, g, h2, layer.mlp_norm, s2, spec.norm_kind)
-    d_a = attention_block_backward(spec, ops, layer, g2, attn_saved, plan.full_lengths, plan.rope)
+    d_a = attention_block_backward(spec, ops, layer, plan.qkv[i], g2, attn_saved, plan.full_lengths,
+                                   plan.rope)
     return ops.add_norm_backward(d_a, g2, h1, layer.attn_norm, s1, spec.norm_kind)

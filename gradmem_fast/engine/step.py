@@ -28,8 +28,8 @@ def forward_backward(plan, memory, step_loss):
     spec, ops, m = plan.spec, plan.ops, plan.m
     pending, h, saved0 = layer0_forward(plan, memory_in(plan, memory))
     saved = []
-    for layer in spec.layers[1:]:
-        pending, h, s = layer_forward(plan, layer, pending, h)
+    for i in range(1, len(spec.layers)):
+        pending, h, s = layer_forward(plan, i, pending, h)
         saved.append(s)
     y, h_final, s_final = ops.add_norm_forward(pending, h, spec.final_norm, spec.norm_kind)
     head = plan.head
@@ -44,8 +44,8 @@ def forward_backward(plan, memory, step_loss):
     torch.mv(head.loss_matrix, head.loss_rows, out=step_loss)  # sum_i w_i loss_i per sample, one launch
     g = ops.add_norm_backward(head.d_final.view(y.shape), None, h_final, spec.final_norm, s_final,
                               spec.norm_kind)
-    for layer, s in zip(reversed(spec.layers[1:]), reversed(saved)):
-        g = layer_backward(plan, layer, g, s)
+    for i in reversed(range(1, len(spec.layers))):
+        g = layer_backward(plan, i, g, saved[i - 1])
     return memory_in_backward(plan, layer0_backward(plan, g, saved0))
 
 
