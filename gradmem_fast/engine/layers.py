@@ -98,10 +98,10 @@ def mlp_backward(spec, ops, layer, g, pre):
 
 
 def _rotate_qk_(spec, ops, q, k, qk, cos, sin, inverse=False):
-    """Rotary on q and k in place."""
+    """Rotary on q and k in place: one launch on their joint view qk where there is one."""
     if spec.rotary is None:
         return
-    for x in (q, k):
+    for x in (q, k) if qk is None else (qk,):
         ops.apply_rotary_(x, cos, sin, spec.rotary, inverse=inverse)
 
 
