@@ -157,8 +157,9 @@ def layer0_context(spec, ops, qkv_lin, x_ctx, ctx_lengths, ctx_tables, m):
 # ------------------------------------------------------------------ layers
 
 
-def layer0_forward(plan, x_mem):
-    """x_mem (B, m, d) memory rows as they enter the model -> (pending, h, saved)."""
+def layer0_forward(plan, x_mem, in_rows=False):
+    """x_mem (B, m, d) memory rows as they enter the model -> (pending, h, saved). in_rows: x_mem is the
+    memory rows of the layer-0 input buffer already."""
     spec, ops, ctx = plan.spec, plan.ops, plan.layer0
     layer = spec.layers[0]
     a_mem, _, s1 = ops.add_norm_forward(x_mem, None, layer.attn_norm, spec.norm_kind)
@@ -169,7 +170,8 @@ def layer0_forward(plan, x_mem):
     attn_out = linear(o.flatten(2), layer.o)
     # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
     x = ctx.rows
-    x[:, :plan.m].copy_(x_mem)
+    if not in_rows:
+        x[:, :plan.m].copy_(x_mem)
     attn_saved = (q, k, v, o, lse)
     if spec.parallel_residual:
         b_mem, _, s2 = ops.add_norm_forward(x_mem, None, layer.mlp_norm, spec.norm_kind)

@@ -6,14 +6,17 @@ from .layers import layer0_backward, layer0_forward, layer_backward, layer_forwa
 
 
 def memory_in(plan, memory):
-    """memory (B, m, d) in its own dtype -> the memory rows entering the model (B, m, d), model dtype."""
+    """memory (B, m, d) in its own dtype -> (x_mem, in_rows): the memory rows entering the model (B, m, d),
+    model dtype; in_rows when x_mem already is the memory rows of the layer-0 input buffer."""
     x = memory
     if plan.proj_weight is not None:
         x = F.linear(x.to(plan.proj_weight.dtype), plan.proj_weight, plan.proj_bias)
     x = x.to(plan.dtype)
     if plan.pos_mem is not None:
+        if plan.B == 1:  # those rows are contiguous: the add writes them, no copy (B > 1 would need two)
+            return torch.add(x, plan.pos_mem, out=plan.layer0.rows[:, :plan.m]), True
         x = x + plan.pos_mem
-    return x
+    return x, False
 
 
 def memory_in_backward(plan, d_x):
@@ -26,7 +29,7 @@ def memory_in_backward(plan, d_x):
 def forward_backward(plan, memory, step_loss):
     """Gradient of sum_b L_b w.r.t. memory (B, m, d); writes each sample's loss into step_loss (B,)."""
     spec, ops, m = plan.spec, plan.ops, plan.m
-    pending, h, saved0 = layer0_forward(plan, memory_in(plan, memory))
+    pending, h, saved0 = layer0_forward(plan, *memory_in(plan, memory))
     saved = []
     for i in range(1, len(spec.layers)):
         pending, h, s = layer_forward(plan, i, pending, h)
