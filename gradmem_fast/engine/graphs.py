@@ -34,6 +34,13 @@ def bucket_length(T, m, limit=None):
     return max(bucket, T)
 
 
+def head_rows_bucket(real_rows, total_rows):
+    """Head rows R of a captured plan: the real-token count rounded up to an eighth of B*Tb (at least
+    64 rows), so ragged batches skip most padding at the cost of at most 8 graphs per T bucket."""
+    grain = max(64, -(-total_rows // 8))
+    return min(total_rows, -(-real_rows // grain) * grain)
+
+
 @dataclass
 class GraphEntry:
     model_ref: Any  # weakref to the model
@@ -130,7 +137,7 @@ def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, m
             ptr(write_head), proj, clip_value, clip_norm, ops.backend, matmul_settings())
 
 
-def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, clip_value, clip_norm):
+def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, clip_value, clip_norm, head_rows):
     """Warm up eagerly on a side stream (Triton compiles and autotunes there), then capture.
 
     ids, mask, memory: static buffers already filled with real values (warm-up reads them).
@@ -140,7 +147,7 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
     saved_memory = memory.clone()
 
     def prologue():
-        return build_plan(spec, ops, ids, mask, m, memory.dtype, write_head, memory_proj)
+        return build_plan(spec, ops, ids, mask, m, memory.dtype, write_head, memory_proj, head_rows_count=head_rows)
 
     side = torch.cuda.Stream(device=memory.device)
     side.wait_stream(torch.cuda.current_stream(memory.device))
@@ -161,13 +168,15 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
 
 
 def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *, steps, lr, write_head,
-                memory_proj, clip_value, clip_norm, losses):
-    """start (B, m, d) memory-dtype; returns M_K (a fresh tensor); fills losses (B, K) when given."""
+                memory_proj, clip_value, clip_norm, losses, real_rows):
+    """start (B, m, d) memory-dtype; real_rows: the mask's sum. Returns M_K (a fresh tensor); fills losses
+    (B, K) when given."""
     B, T = input_ids.shape
     m = start.shape[1]
     Tb = bucket_length(T, m, spec.max_positions)
+    R = head_rows_bucket(real_rows, B * Tb)
     key = graph_key(model, spec, signature, ops, B, Tb, m, start.dtype, write_head, memory_proj, clip_value,
-                    clip_norm)
+                    clip_norm) + (R,)
 
     def fill(ids, mask, memory, lr_t):
         ids[:, :T].copy_(input_ids)
@@ -184,7 +193,7 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
         lr_t = torch.empty((), dtype=torch.float32, device=start.device)
         fill(ids, mask, memory, lr_t)
         return capture(model, spec, ops, ids, mask, memory, lr_t, write_head, memory_proj, clip_value,
-                       clip_norm)
+                       clip_norm, R)
 
     # capture and replay use the current device's streams: make it the tensors' device
     with torch.cuda.device(start.device):

@@ -78,6 +78,9 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     m = memory.shape[-2]
     start_view = memory.expand(B, m, memory.shape[-1])
     start = start_view.detach().clone(memory_format=torch.contiguous_format)
+    # only rows that predict a real token reach the head: their count is read once, before any step
+    # (the mask's values were already read by the argument checks)
+    real_rows = B * T if attention_mask is None else int(attention_mask.sum())
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     losses = None
@@ -93,10 +96,10 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
                 from .graphs import graph_write
                 result = graph_write(model, spec, signature, ops, start, input_ids, attention_mask, steps=steps,
                                      lr=lr, write_head=write_head, memory_proj=memory_proj, clip_value=clip_value,
-                                     clip_norm=clip_norm, losses=losses)
+                                     clip_norm=clip_norm, losses=losses, real_rows=real_rows)
             else:
                 result = _eager_write(spec, ops, start, input_ids, attention_mask, steps, lr, write_head,
-                                      memory_proj, clip_value, clip_norm, losses)
+                                      memory_proj, clip_value, clip_norm, losses, real_rows)
     else:
         result = start
     if grad_mode == "first":
@@ -107,10 +110,10 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
 
 
 def _eager_write(spec, ops, memory, input_ids, attention_mask, steps, lr, write_head, memory_proj, clip_value,
-                 clip_norm, losses):
-    """memory (B, m, d) contiguous, updated in place and returned."""
+                 clip_norm, losses, real_rows):
+    """memory (B, m, d) contiguous, updated in place and returned; real_rows: the mask's sum."""
     plan = build_plan(spec, ops, input_ids, attention_mask, memory.shape[1], memory.dtype, write_head,
-                      memory_proj)
+                      memory_proj, head_rows_count=real_rows)
     lr_t = torch.full((), lr, dtype=torch.float32, device=memory.device)
     step_loss = torch.empty(memory.shape[0], dtype=torch.float32, device=memory.device)
     for k in range(steps):

@@ -486,7 +486,7 @@ def test_graph_write_orders_calls_across_streams_on_the_tensors_device(monkeypat
     def call():
         return graphs.graph_write(model, spec, signature, ops_for("reference"), memory, ids, mask, steps=2, lr=0.5,
                                   write_head=None, memory_proj=None, clip_value=None, clip_norm=None,
-                                  losses=torch.empty(2, 2))
+                                  losses=torch.empty(2, 2), real_rows=7)
 
     out = call()
     assert torch.equal(out, memory) and torch.equal(entry.mask[:, :5], mask) and not entry.mask[:, 5:].any()
@@ -549,8 +549,9 @@ def test_fast_write_runs_with_the_tensors_device_current(monkeypatch):
     with mode:
         spec = _fake_cuda(spec, mode, memo)
         monkeypatch.setattr(write_module, "spec_of", lambda model: (spec, None))
-        ids, mask, memory = (_fake_cuda(t, mode, memo) for t in (ids, mask, memory))
-        out, losses = write_module.fast_write(model, memory, ids, mask, steps=2, lr=0.5, write_head=None,
+        ids, memory = (_fake_cuda(t, mode, memo) for t in (ids, memory))
+        # no mask: fast_write reads a mask's sum on the host (the head row count), which fake tensors lack
+        out, losses = write_module.fast_write(model, memory, ids, None, steps=2, lr=0.5, write_head=None,
                                               memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
                                               return_losses=True, op_backend="reference", use_graphs=False)
     assert out.device == memory.device and losses.shape == (2, 2)

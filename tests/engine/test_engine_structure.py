@@ -119,3 +119,33 @@ def test_fast_reason_for_non_models():
 
     for thing in (object(), torch.nn.Linear(4, 4)):
         assert fast_reason(thing, torch.zeros(2, 4), write_head=None, memory_proj=None, grad_mode="none")
+
+
+@pytest.mark.parametrize("real, total, expected", [
+    (16384, 16384, 16384), (16128, 16384, 16384), (100, 16384, 2048), (2049, 16384, 4096),
+    (7, 32, 32), (1, 512, 64), (65, 512, 128), (512, 512, 512),
+])
+def test_head_rows_bucket(real, total, expected):
+    assert graphs.head_rows_bucket(real, total) == expected
+
+
+def test_only_real_rows_reach_the_head(monkeypatch):
+    """The eager write hands the head the real rows only (the mask's sum), not B*T rows."""
+    import gradmem_fast.engine.write as write_mod
+
+    seen = []
+    original = write_mod.build_plan
+
+    def spy(*args, head_rows_count=None, **kwargs):
+        seen.append(head_rows_count)
+        return original(*args, head_rows_count=head_rows_count, **kwargs)
+
+    monkeypatch.setattr(write_mod, "build_plan", spy)
+    model, _ = model_pair("llama")
+    ids, mask, memory = random_batch(model, 3, 9, lengths=[9, 2, 5], m=2, seed=4)
+    out, losses = _run(model, ids, mask, memory, 2)
+    padded_ids = torch.cat([ids, torch.zeros(3, 4, dtype=ids.dtype)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=mask.dtype)], dim=1)
+    padded_out, padded_losses = _run(model, padded_ids, padded_mask, memory, 2)
+    assert seen == [16, 16]
+    assert rel_err(padded_out, out) < 1e-5 and rel_err(padded_losses, losses) < 1e-5
