@@ -295,17 +295,20 @@ def dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, b_mask, qk_scale,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
+    Q, K, V, DO, O, LSE, DELTA, DQ, LENGTHS,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
+    stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh,
     stride_delta, S, HQ, len_offset, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DELTA_FROM_O: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ of one query block. DELTA_FROM_O: computes delta = rowsum(dO * O) for its rows (zero on
+    padded rows) and stores it for the dK/dV kernel launched after it; else reads delta."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HQ
@@ -324,7 +327,14 @@ def _bwd_dq_kernel(
     b_do = tl.load(DO + i_b64 * stride_dob + i_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
                    mask=row_mask, other=0.0)
     b_lse = tl.load(LSE + i_b64 * stride_lb + i_h * stride_lh + offs_m * stride_ls, mask=row_ok, other=0.0) * LOG2E
-    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * stride_delta + offs_m, mask=row_ok, other=0.0)
+    p_delta = DELTA + i_bh.to(tl.int64) * stride_delta + offs_m
+    if DELTA_FROM_O:
+        b_o = tl.load(O + i_b64 * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                      mask=row_mask, other=0.0)
+        b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+        tl.store(p_delta, b_delta, mask=offs_m < S)
+    else:
+        b_delta = tl.load(p_delta, mask=row_ok, other=0.0)
     p_k = K + i_b64 * stride_kb + (i_h // GROUP) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
     p_v = V + i_b64 * stride_vb + (i_h // GROUP) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -351,7 +361,7 @@ _fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"],
 _dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY,
                               prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["dkdv"])}
                               )(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY,
+_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY + ["DELTA_FROM_O"],
                             prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["dq"])})(_bwd_dq_kernel)
 
 # ---------------------------------------------------------------- launchers
@@ -417,7 +427,8 @@ def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_o
 
 
 def launch_preprocess(o, do, delta, lengths, len_offset):
-    """delta (B, Hq, S) contiguous float32 = rowsum(do * o) over valid rows."""
+    """delta (B, Hq, S) contiguous float32 = rowsum(do * o) over valid rows (the layer-0 backward, whose
+    dK/dV needs delta of context rows that have no dQ program)."""
     B, S, Hq, D = o.shape
     if B * Hq * S == 0:
         return
@@ -427,19 +438,21 @@ def launch_preprocess(o, do, delta, lengths, len_offset):
         dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None, BLOCK_M=BLOCK_M))
 
 
-def launch_dq(q, k, v, do, lse, delta, dq, lengths, len_offset, scale, *, blocks=None):
-    """dq for rows of q; delta may be a view whose rows are delta.stride(1) apart."""
+def launch_dq(q, k, v, do, lse, delta, dq, lengths, len_offset, scale, *, o=None, blocks=None):
+    """dq for rows of q; delta may be a view whose rows are delta.stride(1) apart. With o given the
+    kernel writes delta = rowsum(do * o) (0 on padded rows) for its rows and uses it; else it reads
+    delta."""
     B, S, Hq, D = q.shape
     if B * Hq * S == 0:
         return
     kernel, extra = pick(_dq_tuned, _bwd_dq_kernel, blocks, default_shape(DEFAULT_SHAPES["dq"], q.dtype, D))
     grid = lambda nb: lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), nb * Hq)  # noqa: E731
     launch(kernel, grid, B, Hq, [
-        q, k, v, do, lse, delta, dq, lengths if lengths is not None else delta,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dq),
-        delta.stride(1), S, Hq, len_offset, scale * 1.4426950408889634, scale], dict(
-        GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
-        PRECISION=precision(q.dtype), **extra))
+        q, k, v, do, o if o is not None else do, lse, delta, dq, lengths if lengths is not None else delta,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(o if o is not None else do),
+        *strides3(lse), *strides3(dq), delta.stride(1), S, Hq, len_offset, scale * 1.4426950408889634, scale],
+        dict(GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
+             DELTA_FROM_O=o is not None, PRECISION=precision(q.dtype), **extra))
 
 
 def launch_dkdv(q, k, v, do, lse, delta, dk, dv, lengths, scale, *, blocks=None):
@@ -475,10 +488,10 @@ def attention_backward(do, q, k, v, o, lse, lengths, scale, *, out=None, blocks=
     dq, dk, dv = out
     if B * Hq * S == 0:
         return dq, dk, dv
+    # the dQ kernel writes delta; the dK/dV kernel, next on the same stream, reads it
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    launch_preprocess(o, do, delta, lengths, 0)
+    launch_dq(q, k, v, do, lse, delta, dq, lengths, 0, scale, o=o, blocks=blocks)
     launch_dkdv(q, k, v, do, lse, delta, dk, dv, lengths, scale, blocks=blocks)
-    launch_dq(q, k, v, do, lse, delta, dq, lengths, 0, scale, blocks=blocks)
     return dq, dk, dv
 
 

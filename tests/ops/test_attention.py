@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import poison_, rel_err
+from gradmem_fast.engine.launches import LaunchCounter
 from gradmem_fast.ops import attention as A
 
 
@@ -206,6 +207,63 @@ def test_backward_and_out_validation():
         A.attention_forward(a["q"], a["k"], a["v"], a["lengths"], SCALE, out=(o, lse.double()))
     with pytest.raises(ValueError, match="backend"):
         A.attention_forward(a["q"], a["k"], a["v"], a["lengths"], SCALE, backend="fast")
+
+
+class _LaunchOrder(LaunchCounter):
+    """LaunchCounter that also keeps the (kind, name) of each launch in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.order = []
+
+    def record(self, kind, name):
+        super().record(kind, name)
+        self.order.append((kind, name))
+
+
+def test_backward_launches_dq_then_dkdv_and_nothing_else():
+    """The full backward is two kernels: dQ (which writes delta) first, then dK/dV (which reads it);
+    no preprocess kernel and no torch launch."""
+    from gradmem_fast.kernels import attention as K
+
+    B, S, Hq, Hkv, D = 2, 37, 4, 2, 32
+    q, k, v = make_qkv(B, S, Hq, Hkv, D, torch.float32, seed=13)
+    lens = torch.tensor([37, 5], dtype=torch.int32)
+    do = torch.randn(B, S, Hq, D, generator=torch.Generator().manual_seed(6))
+    o, lse = K.attention_forward(q, k, v, lens, SCALE)
+    grads = K.attention_backward(do, q, k, v, o, lse, lens, SCALE)  # autotuning (GPU) before counting
+    with _LaunchOrder() as counter:
+        K.attention_backward(do, q, k, v, o, lse, lens, SCALE, out=grads)
+    assert counter.order == [("triton", "_bwd_dq_kernel"), ("triton", "_bwd_dkdv_kernel")]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 1e-6)])
+@pytest.mark.parametrize("split", [False, True])
+def test_dq_kernel_writes_delta(monkeypatch, dtype, tol, split):
+    """delta (B, Hq, S) from the dQ kernel against float64 rowsum(dO * O), exactly 0 on padded rows; with
+    `split` the batch runs in pieces (grid limit lowered to 5: one sample of 4 heads per launch)."""
+    from gradmem_fast.kernels import attention as K
+
+    if split:
+        monkeypatch.setattr(K, "MAX_GRID_Y", 5)
+    B, S, Hq, Hkv, D = 3, 37, 4, 2, 48
+    lengths = [37, 0, 18]
+    q, k, v = make_qkv(B, S, Hq, Hkv, D, dtype, seed=17)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    g = torch.Generator().manual_seed(8)
+    do = torch.randn(B, S, Hq, D, generator=g).to(dtype)
+    o = torch.randn(B, S, Hq, D, generator=g).to(dtype)  # any o: delta depends on it only through the sum
+    lse = torch.randn(B, Hq, S, generator=g)
+    delta = poison_(torch.empty(B, Hq, S))
+    dq = poison_(torch.empty(B, S, Hq, D, dtype=dtype))
+    K.launch_dq(q, k, v, do, lse, delta, dq, lens, 0, SCALE, o=o)
+    valid = (torch.arange(S)[None, :] < lens[:, None].long())[:, None, :]
+    truth = torch.where(valid, (do.double() * o.double()).sum(-1).transpose(1, 2), 0.0)
+    assert torch.isfinite(delta).all() and torch.isfinite(dq).all()
+    assert rel_err(delta, truth) < tol
+    assert torch.all(delta[~valid.expand_as(delta)] == 0)
+    for b, n in enumerate(lengths):
+        assert torch.all(dq[b, n:] == 0)
 
 
 # ---------------------------------------------------------------- GPU only
