@@ -1,4 +1,5 @@
-// Rotary position embedding: cos/sin tables, and an in-place rotation of (B, S, H, D) tensors.
+// Rotary position embedding: cos/sin tables, and an in-place rotation of (B, S, H, D) or (B, S, H, G, D)
+// tensors (any strides but the last; G: e.g. q and k of each head in a per-head fused projection).
 #include "common.cuh"
 #include "ops.h"
 
@@ -18,13 +19,13 @@ __global__ void rotary_tables_kernel(const float* __restrict__ inv_freq, const P
   }
 }
 
-// One block per (b, s). Work item = (head, group of VEC pairs).
+// One block per (b, s). Work item = (head h, sub-head g, group of VEC pairs); a 4-D x has G = 1.
 // Half-split: pairs (i, i + half), group j covers i in [j*VEC, j*VEC + VEC).
 // Interleaved: pairs (2i, 2i + 1), group j covers elements [j*E, j*E + E), E = max(VEC, 2).
 template <typename T, int VEC>
 __global__ void rotary_kernel(T* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                              int64_t S, int64_t H, int64_t stride_b, int64_t stride_s, int64_t stride_h,
-                              int64_t half, bool interleaved, float sign) {
+                              int64_t S, int64_t H, int64_t G, int64_t stride_b, int64_t stride_s,
+                              int64_t stride_h, int64_t stride_g, int64_t half, bool interleaved, float sign) {
   const int64_t b = blockIdx.x / S;
   const int64_t s = blockIdx.x % S;
   T* p_row = x + b * stride_b + s * stride_s;
@@ -32,9 +33,9 @@ __global__ void rotary_kernel(T* __restrict__ x, const float* __restrict__ cos_t
   const float* p_sin = sin_t + s * half;
   if (!interleaved) {
     const int64_t groups = half / VEC;
-    for (int64_t item = threadIdx.x; item < H * groups; item += blockDim.x) {
-      const int64_t h = item / groups, j = item % groups;
-      T* p_a = p_row + h * stride_h + j * VEC;
+    for (int64_t item = threadIdx.x; item < H * G * groups; item += blockDim.x) {
+      const int64_t hg = item / groups, j = item % groups;
+      T* p_a = p_row + (hg / G) * stride_h + (hg % G) * stride_g + j * VEC;
       float b_a[VEC], b_b[VEC];
       load_vec<T, VEC>(p_a, b_a);
       load_vec<T, VEC>(p_a + half, b_b);
@@ -51,9 +52,9 @@ __global__ void rotary_kernel(T* __restrict__ x, const float* __restrict__ cos_t
   } else {
     constexpr int E = VEC >= 2 ? VEC : 2;
     const int64_t groups = 2 * half / E;
-    for (int64_t item = threadIdx.x; item < H * groups; item += blockDim.x) {
-      const int64_t h = item / groups, j = item % groups;
-      T* p_a = p_row + h * stride_h + j * E;
+    for (int64_t item = threadIdx.x; item < H * G * groups; item += blockDim.x) {
+      const int64_t hg = item / groups, j = item % groups;
+      T* p_a = p_row + (hg / G) * stride_h + (hg % G) * stride_g + j * E;
       float b_v[E];
       if constexpr (VEC >= 2) {
         load_vec<T, E>(p_a, b_v);
@@ -136,9 +137,11 @@ void apply_rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
                    bool interleaved, bool inverse) {
   check_cuda(x, "x");
   check_kernel_dtype(x, "x");
-  TORCH_CHECK(x.dim() == 4, "x must be (B, S, H, D), got shape ", x.sizes());
-  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
-  TORCH_CHECK(D <= 1 || x.stride(3) == 1, "x's last dimension must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, "x must be (B, S, H, D) or (B, S, H, G, D), got shape ", x.sizes());
+  const bool five = x.dim() == 5;
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), G = five ? x.size(3) : 1, D = x.size(-1);
+  const int64_t stride_g = five ? x.stride(3) : 0;
+  TORCH_CHECK(D <= 1 || x.stride(-1) == 1, "x's last dimension must be contiguous, got strides ", x.strides());
   TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= D,
               "rotary_dim must be a positive even number <= head dim ", D, ", got ", rotary_dim);
   const int64_t half = rotary_dim / 2;
@@ -146,7 +149,7 @@ void apply_rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
   check_table(sin, "sin", S, half);
   TORCH_CHECK(cos.device() == x.device() && sin.device() == x.device(), "cos/sin must be on ", x.device());
   TORCH_CHECK(B * S < (int64_t{1} << 31), "B * S too large: ", B * S);
-  if (B * S * H == 0) return;
+  if (B * S * H * G == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float sign = inverse ? -1.0f : 1.0f;
@@ -155,18 +158,19 @@ void apply_rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
     constexpr int kVec = 16 / sizeof(T);
     const int64_t unit = interleaved ? rotary_dim : half;
     const bool vec = unit % kVec == 0 && x.stride(0) % kVec == 0 && x.stride(1) % kVec == 0 &&
-                     x.stride(2) % kVec == 0 && aligned16(x);
-    const int64_t items = H * (vec ? unit / kVec : half);
+                     x.stride(2) % kVec == 0 && stride_g % kVec == 0 && aligned16(x);
+    const int64_t items = H * G * (vec ? unit / kVec : half);
     const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, round_up(items, 32))));
     const unsigned blocks = static_cast<unsigned>(B * S);
     if (vec) {
       rotary_kernel<T, kVec><<<blocks, threads, 0, stream>>>(x.data_ptr<T>(), cos.data_ptr<float>(),
-                                                              sin.data_ptr<float>(), S, H, x.stride(0), x.stride(1),
-                                                              x.stride(2), half, interleaved, sign);
+                                                              sin.data_ptr<float>(), S, H, G, x.stride(0),
+                                                              x.stride(1), x.stride(2), stride_g, half,
+                                                              interleaved, sign);
     } else {
       rotary_kernel<T, 1><<<blocks, threads, 0, stream>>>(x.data_ptr<T>(), cos.data_ptr<float>(),
-                                                          sin.data_ptr<float>(), S, H, x.stride(0), x.stride(1),
-                                                          x.stride(2), half, interleaved, sign);
+                                                          sin.data_ptr<float>(), S, H, G, x.stride(0), x.stride(1),
+                                                          x.stride(2), stride_g, half, interleaved, sign);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

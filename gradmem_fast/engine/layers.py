@@ -46,11 +46,13 @@ def _per_head(spec):
 
 def _split_qkv(spec, y):
     """y (B, S, out) laid out like the projection output -> (q, k, v, qk): (B, S, H, hd) views, and qk the
-    (B, S, H + Hkv, hd) view of q and k together ([q | k | v] layouts), so one rotary launch covers both."""
+    view of q and k together, so one rotary launch covers both: (B, S, H + Hkv, hd) for [q | k | v] layouts,
+    (B, S, H, 2, hd) for the per-head layout [q_h | k_h | v_h]."""
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     if _per_head(spec):
-        q, k, v = y.unflatten(-1, (H, 3, hd)).unbind(-2)
-        return q, k, v, None
+        heads = y.unflatten(-1, (H, 3, hd))
+        q, k, v = heads.unbind(-2)
+        return q, k, v, heads[..., :2, :]
     qk, v = y.split(((H + Hkv) * hd, Hkv * hd), dim=-1)
     qk = qk.unflatten(-1, (H + Hkv, hd))
     return qk[..., :H, :], qk[..., H:, :], v.unflatten(-1, (Hkv, hd)), qk
@@ -97,19 +99,17 @@ def mlp_backward(spec, ops, layer, g, pre):
 # ------------------------------------------------------------------ attention
 
 
-def _rotate_qk_(spec, ops, q, k, qk, cos, sin, inverse=False):
-    """Rotary on q and k in place: one launch on their joint view qk where there is one."""
-    if spec.rotary is None:
-        return
-    for x in (q, k) if qk is None else (qk,):
-        ops.apply_rotary_(x, cos, sin, spec.rotary, inverse=inverse)
+def _rotate_qk_(spec, ops, qk, cos, sin, inverse=False):
+    """Rotary on q and k in place, one launch on their joint view qk (_split_qkv)."""
+    if spec.rotary is not None:
+        ops.apply_rotary_(qk, cos, sin, spec.rotary, inverse=inverse)
 
 
 def attention_block_forward(spec, ops, layer, qkv_lin, a, lengths, rope):
     """Attention over all S rows (layers >= 1). a (B, S, d) normed input -> (out (B, S, d), saved)."""
     q, k, v, qk = qkv_project(spec, qkv_lin, a)
     cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
-    _rotate_qk_(spec, ops, q, k, qk, cos, sin)
+    _rotate_qk_(spec, ops, qk, cos, sin)
     o, lse = ops.attention_forward(q, k, v, lengths, spec.attn_scale)
     return linear(o.flatten(2), layer.o), (q, k, v, o, lse)
 
@@ -120,7 +120,7 @@ def attention_block_backward(spec, ops, layer, qkv_lin, g, saved, lengths, rope)
     dy, out, dqk = qkv_grad_buffers(spec, qkv_lin, q)
     dq, dk, dv = ops.attention_backward(do, q, k, v, o, lse, lengths, spec.attn_scale, out=out)
     cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
-    _rotate_qk_(spec, ops, dq, dk, dqk, cos, sin, inverse=True)
+    _rotate_qk_(spec, ops, dqk, cos, sin, inverse=True)
     return linear_input_grad(dy, qkv_lin)
 
 
@@ -141,7 +141,7 @@ def layer0_context(spec, ops, qkv_lin, x_ctx, ctx_lengths, ctx_tables, m):
     a_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.attn_norm, spec.norm_kind)
     q, k, v, qk = qkv_project(spec, qkv_lin, a_ctx)
     if spec.rotary is not None:
-        _rotate_qk_(spec, ops, q, k, qk, *ctx_tables)
+        _rotate_qk_(spec, ops, qk, *ctx_tables)
     state = ops.context_attention_state(q, k, v, ctx_lengths, spec.attn_scale)
     B, T, d = x_ctx.shape
     rows = x_ctx.new_empty(B, m + T, d)
@@ -165,7 +165,7 @@ def layer0_forward(plan, x_mem, in_rows=False):
     a_mem, _, s1 = ops.add_norm_forward(x_mem, None, layer.attn_norm, spec.norm_kind)
     q, k, v, qk = qkv_project(spec, plan.qkv[0], a_mem)
     if plan.rope is not None:
-        _rotate_qk_(spec, ops, q, k, qk, plan.rope.cos_mem, plan.rope.sin_mem)
+        _rotate_qk_(spec, ops, qk, plan.rope.cos_mem, plan.rope.sin_mem)
     o, lse = ops.memory_attention_forward(q, k, v, ctx.q_ctx, ctx.state, plan.ctx_lengths, spec.attn_scale)
     attn_out = linear(o.flatten(2), layer.o)
     # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
@@ -204,7 +204,7 @@ def layer0_backward(plan, g, saved):
     dq, dk, dv = ops.memory_attention_backward(do, q, k, v, ctx.q_ctx, o, lse, plan.ctx_lengths,
                                                spec.attn_scale, out=out)
     if plan.rope is not None:
-        _rotate_qk_(spec, ops, dq, dk, dqk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
+        _rotate_qk_(spec, ops, dqk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
     d_a = linear_input_grad(dy, plan.qkv[0])
     g_mem = g_mem.contiguous()
     d_x = ops.add_norm_backward(d_a, g_mem, x_mem, layer.attn_norm, s1, spec.norm_kind)

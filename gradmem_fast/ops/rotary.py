@@ -1,4 +1,5 @@
-"""Rotary position embedding: cos/sin tables and an in-place rotation of (B, S, H, D) tensors.
+"""Rotary position embedding: cos/sin tables and an in-place rotation of (B, S, H, D) tensors, or of
+(B, S, H, G, D) ones (G sub-heads per head, e.g. q and k of each head in a per-head fused projection).
 
 The rotation is orthogonal, so its input gradient is the inverse rotation (`inverse=True`, the sin
 sign flipped): the backward of `apply_rotary_` is `apply_rotary_` on the gradient. See fused_ops.md.
@@ -25,12 +26,13 @@ def _pairs(x, rotary_dim, interleaved):
 
 
 def apply_rotary__reference(x, cos, sin, *, rotary_dim, interleaved=False, inverse=False):
-    """In place: each pair (a, b) of the first rotary_dim features of x (B, S, H, D) becomes
-    (a cos - b sin, b cos + a sin) with row s of the tables for x[:, s]; inverse flips sin's sign."""
+    """In place: each pair (a, b) of the first rotary_dim features of x (B, S, H, D) or (B, S, H, G, D)
+    becomes (a cos - b sin, b cos + a sin) with row s of the tables for x[:, s]; inverse flips sin's sign."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     a, b = _pairs(x, rotary_dim, interleaved)
-    c = cos.to(acc)[None, :, None, :]
-    s = sin.to(acc)[None, :, None, :]
+    table_shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[1],)
+    c = cos.to(acc).view(table_shape)
+    s = sin.to(acc).view(table_shape)
     if inverse:
         s = -s
     af, bf = a.to(acc), b.to(acc)
@@ -83,20 +85,22 @@ def rotary_tables(inv_freq, positions, attention_scaling, *, out=None, backend="
 
 
 def apply_rotary_(x, cos, sin, *, rotary_dim, interleaved=False, inverse=False, backend="auto", validate=True):
-    """Rotate the first rotary_dim features of x (B, S, H, D) in place (strided ok, D contiguous).
+    """Rotate the first rotary_dim features of x (B, S, H, D) or (B, S, H, G, D) in place (any strides,
+    the last dimension contiguous). A 5-D view covers several sub-heads of each head in one launch, e.g.
+    q and k of a per-head fused projection [q_h | k_h | v_h]: its (B, S, H, 2, D) slice.
 
     Half-split layout pairs (i, i + rotary_dim / 2); interleaved pairs (2i, 2i + 1). cos, sin
     (S, rotary_dim // 2) float32, row s used for x[:, s]. inverse=True applies the backward.
     """
     if validate:
-        if x.dim() != 4:
-            raise ValueError(f"x must be (B, S, H, D), got shape {tuple(x.shape)}")
+        if x.dim() not in (4, 5):
+            raise ValueError(f"x must be (B, S, H, D) or (B, S, H, G, D), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be floating point, got {x.dtype}")
-        D = x.shape[3]
+        D = x.shape[-1]
         if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > D:
             raise ValueError(f"rotary_dim must be a positive even int <= head dim {D}, got {rotary_dim!r}")
-        if x.shape[3] > 1 and x.stride(3) != 1:
+        if D > 1 and x.stride(-1) != 1:
             raise ValueError(f"x's last dimension must be contiguous, got strides {x.stride()}")
         shape = (x.shape[1], rotary_dim // 2)
         for name, t in (("cos", cos), ("sin", sin)):

@@ -97,3 +97,14 @@ def test_kernel_inverse_undoes_forward(emulated):
     y = apply_rotary_(x.clone(), cos, sin, rotary_dim=64, backend="kernel")
     apply_rotary_(y, cos, sin, rotary_dim=64, inverse=True, backend="kernel")
     assert rel_err(y, x) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: odd strides and pointer, the scalar path
+@pytest.mark.parametrize("B,S,H,D,rotary_dim", [(1, 1, 1, 32, 32), (2, 9, 5, 64, 16), (3, 4, 2, 80, 20),
+                                                (1, 3, 3, 128, 128)])
+def test_kernel_per_head_qk_view(emulated, dtype, tol, interleaved, inverse, offset, B, S, H, D, rotary_dim):
+    T._check_per_head_qk("kernel", "cpu", dtype, tol, B, S, H, D, rotary_dim, interleaved, inverse, offset=offset,
+                         seed=S + D)

@@ -42,6 +42,35 @@ def _x(shape, dtype, device="cpu", seed=0):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
 
 
+def _check_per_head_qk(backend, device, dtype, tol, B, S, H, D, rotary_dim, interleaved, inverse, offset=0, seed=0):
+    """Rotates the (B, S, H, 2, D) q and k view of a per-head fused projection [q_h | k_h | v_h] (H, 3, D) in
+    one call; q and k must match the float64 rotation of each head (fp32) or the twin (16-bit, `tol`), and
+    v, the features past rotary_dim and the `offset` leading elements must stay bit for bit."""
+    width = H * 3 * D
+    buf = _x((B, S, width + offset), dtype, device=device, seed=seed)
+    before = buf.clone()
+    qk = buf[..., offset:].view(B, S, H, 3, D)[..., :2, :]
+    inv = _inv_freq(rotary_dim).to(device)
+    pos = torch.arange(5, 5 + S, device=device)
+    cos, sin = rotary_tables(inv, pos, 0.8)
+    out = apply_rotary_(qk, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved, inverse=inverse,
+                        backend=backend)
+    assert out is qk
+    qk0 = before[..., offset:].view(B, S, H, 3, D)[..., :2, :]
+    ref64 = _rotate64(qk0.flatten(2, 3).cpu(), _angle(pos.cpu(), inv.cpu()), 0.8, rotary_dim, interleaved,
+                      inverse).view(B, S, H, 2, D)
+    twin = apply_rotary__reference(qk0.clone(), cos, sin, rotary_dim=rotary_dim, interleaved=interleaved,
+                                   inverse=inverse)
+    if dtype == torch.float32:
+        assert rel_err(qk.cpu(), ref64) < tol and rel_err(qk, twin) < tol
+    else:
+        assert rel_err(qk, twin) <= tol
+    assert torch.equal(qk[..., rotary_dim:], qk0[..., rotary_dim:])
+    untouched = torch.ones_like(buf, dtype=torch.bool)
+    untouched[..., offset:].view(B, S, H, 3, D)[..., :2, :rotary_dim] = False
+    assert torch.equal(buf[untouched], before[untouched])
+
+
 # ---------------------------------------------------------------- twins on CPU
 
 
@@ -101,6 +130,24 @@ def test_public_cpu_strided_in_place():
     assert torch.equal(buf.view(2, 6, 3, 4, 16)[:, :, [0, 2]], untouched)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("B,S,H,D,rotary_dim", [(1, 1, 1, 8, 8), (2, 37, 3, 16, 8), (3, 5, 4, 24, 24)])
+def test_reference_per_head_qk_view_matches_float64(interleaved, inverse, B, S, H, D, rotary_dim):
+    _check_per_head_qk("reference", "cpu", torch.float32, 1e-6, B, S, H, D, rotary_dim, interleaved, inverse,
+                       seed=S)
+
+
+def test_reference_five_d_inverse_is_the_input_gradient():
+    x = _x((2, 7, 3, 2, 16), torch.float64, seed=9).requires_grad_()
+    dy = _x((2, 7, 3, 2, 16), torch.float64, seed=10)
+    cos, sin = rotary_tables_reference(_inv_freq(12), torch.arange(7), 1.1)
+    y = apply_rotary__reference(x.clone(), cos.double(), sin.double(), rotary_dim=12)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    dx = apply_rotary__reference(dy.clone(), cos.double(), sin.double(), rotary_dim=12, inverse=True)
+    assert rel_err(dx, gx) < 1e-14
+
+
 def test_bad_inputs_raise_value_error():
     x = _x((1, 4, 2, 8), torch.float32)
     cos, sin = rotary_tables(_inv_freq(8), torch.arange(4), 1.0)
@@ -112,6 +159,12 @@ def test_bad_inputs_raise_value_error():
         apply_rotary_(x, cos[:3], sin, rotary_dim=8)
     with pytest.raises(ValueError, match="B, S, H, D"):
         apply_rotary_(x[0], cos, sin, rotary_dim=8)
+    with pytest.raises(ValueError, match="B, S, H, G, D"):
+        apply_rotary_(x[..., None, None, :], cos, sin, rotary_dim=8)
+    with pytest.raises(ValueError, match="contiguous"):
+        apply_rotary_(x.transpose(2, 3)[:, :, :, None], cos, sin, rotary_dim=2)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        apply_rotary_(x[:, :, :, None], cos, sin, rotary_dim=10)
     with pytest.raises(ValueError, match="contiguous"):
         apply_rotary_(x.transpose(2, 3), cos, sin, rotary_dim=2)
     with pytest.raises(ValueError, match="positions"):
@@ -184,3 +237,15 @@ def test_kernel_inverse_undoes_forward():
     y = apply_rotary_(x.clone(), cos, sin, rotary_dim=64, backend="kernel")
     apply_rotary_(y, cos, sin, rotary_dim=64, inverse=True, backend="kernel")
     assert rel_err(y, x) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: odd strides and pointer, the scalar path
+@pytest.mark.parametrize("B,S,H,D,rotary_dim", [(1, 1, 1, 32, 32), (2, 257, 12, 64, 16), (3, 37, 4, 80, 20),
+                                                (1, 100, 8, 128, 128)])
+def test_kernel_per_head_qk_view(dtype, tol, interleaved, inverse, offset, B, S, H, D, rotary_dim):
+    _check_per_head_qk("kernel", "cuda", dtype, tol, B, S, H, D, rotary_dim, interleaved, inverse, offset=offset,
+                       seed=S + D)
