@@ -114,13 +114,17 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
 add_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dres, const T* __restrict__ h,
                     const T* __restrict__ w, const float* __restrict__ stats, T* __restrict__ dx, int64_t d,
-                    bool rms) {
+                    bool rms, int64_t dres_inner_rows, int64_t dres_stride_outer, int64_t dres_stride_inner) {
   __shared__ float smem[64];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * d;
   const int64_t nvec = d / VEC;
   const int64_t step = blockDim.x;
   const float mean = stats[2 * static_cast<int64_t>(blockIdx.x)];
   const float rstd = stats[2 * static_cast<int64_t>(blockIdx.x) + 1];
+  // row r of dres is (r / inner, r % inner) of its (outer, inner, d) view
+  const T* p_dres = dres ? dres + (blockIdx.x / dres_inner_rows) * dres_stride_outer +
+                               (blockIdx.x % dres_inner_rows) * dres_stride_inner
+                         : nullptr;
 
   float b_xhat[kCap][VEC], b_g[kCap][VEC];
   float b_acc[2] = {0.0f, 0.0f};  // sum(g * xhat), sum(g) with g = dy * w
@@ -173,8 +177,8 @@ add_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dres, const 
         b_gg[j] *= b_w[j];
       }
     }
-    if (dres) {
-      load_vec<T, VEC>(dres + base + i * VEC, b_out);
+    if (p_dres) {
+      load_vec<T, VEC>(p_dres + i * VEC, b_out);
     } else {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) b_out[j] = 0.0f;
@@ -185,13 +189,17 @@ add_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dres, const 
   }
 }
 
-// Widest vector (16 bytes) when the row width and every pointer allow it, else scalar.
+// Widest vector (16 bytes) when the row width, every pointer and every row stride allow it, else scalar.
 template <typename T>
 bool can_vectorize(int64_t d, std::initializer_list<const at::Tensor*> ts) {
   constexpr int kVec = 16 / sizeof(T);
   if (d % kVec != 0) return false;
-  for (const at::Tensor* t : ts)
-    if (t && t->defined() && t->numel() > 0 && !aligned16(*t)) return false;
+  for (const at::Tensor* t : ts) {
+    if (!t || !t->defined() || t->numel() == 0) continue;
+    if (!aligned16(*t)) return false;
+    for (int64_t i = 0; i + 1 < t->dim(); ++i)
+      if (t->size(i) > 1 && t->stride(i) % kVec != 0) return false;
+  }
   return true;
 }
 
@@ -269,7 +277,25 @@ void add_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& d_resid
   TORCH_CHECK(rows < (int64_t{1} << 31), "residual_out has too many rows: ", rows);
   check_like(dy, "dy", residual_out, "residual_out");
   const bool has_dres = d_residual_out.has_value() && d_residual_out->defined();
-  if (has_dres) check_like(*d_residual_out, "d_residual_out", residual_out, "residual_out");
+  // d_residual_out: (rows, d) or (n, rows / n, d), any strides but the last (e.g. the first m rows of each
+  // sample of a (B, S, d) buffer)
+  int64_t dres_inner_rows = 1, dres_stride_outer = 0, dres_stride_inner = 0;
+  if (has_dres) {
+    const at::Tensor& t = *d_residual_out;
+    check_cuda(t, "d_residual_out");
+    TORCH_CHECK(t.scalar_type() == residual_out.scalar_type(), "d_residual_out dtype ", t.scalar_type(),
+                " differs from residual_out dtype ", residual_out.scalar_type());
+    TORCH_CHECK(t.device() == residual_out.device(), "d_residual_out is on ", t.device(), ", residual_out on ",
+                residual_out.device());
+    TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && t.size(-1) == d && t.numel() == rows * d,
+                "d_residual_out must be (", rows, ", ", d, ") or (n, ", rows, " / n, ", d, "), got shape ",
+                t.sizes());
+    TORCH_CHECK(d == 1 || t.stride(-1) == 1, "d_residual_out's last dimension must be contiguous, got strides ",
+                t.strides());
+    dres_inner_rows = t.dim() == 3 ? t.size(1) : rows;
+    dres_stride_outer = t.dim() == 3 ? t.stride(0) : 0;
+    dres_stride_inner = t.stride(-2);
+  }
   check_like(dx, "dx", residual_out, "residual_out");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "weight must have shape (", d, "), got ", weight.sizes());
   check_cuda(weight, "weight");
@@ -293,11 +319,11 @@ void add_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& d_resid
     if (can_vectorize<T>(d, {&dy, dres_t, &residual_out, &weight, &dx})) {
       add_norm_bwd_kernel<T, kVec><<<rows, threads_for(d / kVec), 0, stream>>>(
           dy.data_ptr<T>(), p_dres, residual_out.data_ptr<T>(), weight.data_ptr<T>(), stats.data_ptr<float>(),
-          dx.data_ptr<T>(), d, rms);
+          dx.data_ptr<T>(), d, rms, dres_inner_rows, dres_stride_outer, dres_stride_inner);
     } else {
       add_norm_bwd_kernel<T, 1><<<rows, threads_for(d), 0, stream>>>(
           dy.data_ptr<T>(), p_dres, residual_out.data_ptr<T>(), weight.data_ptr<T>(), stats.data_ptr<float>(),
-          dx.data_ptr<T>(), d, rms);
+          dx.data_ptr<T>(), d, rms, dres_inner_rows, dres_stride_outer, dres_stride_inner);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

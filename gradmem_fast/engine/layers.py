@@ -206,7 +206,7 @@ def layer0_backward(plan, g, saved):
     if plan.rope is not None:
         _rotate_qk_(spec, ops, dqk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
     d_a = linear_input_grad(dy, plan.qkv[0])
-    g_mem = g_mem.contiguous()
+    # g_mem (B, m, d) is strided at B > 1 (the first m rows of each sample): the norm backward reads it in place
     d_x = ops.add_norm_backward(d_a, g_mem, x_mem, layer.attn_norm, s1, spec.norm_kind)
     if spec.parallel_residual:
         d_x = ops.add_norm_backward(d_b, d_x, x_mem, layer.mlp_norm, s2, spec.norm_kind)

@@ -40,7 +40,8 @@ def add_norm_forward_reference(x, residual, weight, bias, eps, kind):
 
 
 def add_norm_backward_reference(dy, d_residual_out, residual_out, weight, stats, kind):
-    """Gradient w.r.t. residual_out: norm input-gradient of dy plus d_residual_out (may be None)."""
+    """Gradient w.r.t. residual_out: norm input-gradient of dy plus d_residual_out (may be None, and may
+    have any strides)."""
     d = residual_out.shape[-1]
     acc = _acc_dtype(residual_out.dtype)
     h = residual_out.reshape(-1, d).to(acc)
@@ -70,6 +71,20 @@ def _rows(t):
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
+def _strided_rows(t):
+    """t (..., d) as a (rows, d) or (n, rows // n, d) view with its last dimension contiguous, as the backward
+    kernel takes d_residual_out (e.g. the first m rows of each sample of a (B, S, d) buffer: no copy); a
+    contiguous copy where no such view exists."""
+    d = t.shape[-1]
+    if t.dim() >= 2 and (d == 1 or t.stride(-1) == 1):
+        for shape in ((-1, d), (-1, t.shape[-2], d)):
+            try:
+                return t.view(shape)
+            except RuntimeError:
+                pass
+    return _rows(t)
+
+
 def _launch_forward(x, residual, weight, bias, eps, kind, out):
     d = x.shape[-1]
     x2 = _rows(x)
@@ -93,7 +108,7 @@ def _launch_backward(dy, d_residual_out, residual_out, weight, stats, kind, out)
     d = residual_out.shape[-1]
     h = _rows(residual_out)
     dx = torch.empty_like(h) if out is None else out
-    _ext.load().add_norm_bwd(_rows(dy), None if d_residual_out is None else _rows(d_residual_out), h,
+    _ext.load().add_norm_bwd(_rows(dy), None if d_residual_out is None else _strided_rows(d_residual_out), h,
                              weight.contiguous(), stats.contiguous(), kind == "rms", dx.view(-1, d))
     return dx.view(residual_out.shape) if out is None else dx
 
@@ -168,7 +183,11 @@ def add_norm_forward(x, residual, weight, bias, eps, kind, *, out=None, backend=
 def add_norm_backward(dy, d_residual_out, residual_out, weight, stats, kind, *, out=None, backend="auto",
                       validate=True):
     """Total gradient w.r.t. residual_out (= the gradient of both x and residual):
-    norm input-gradient of dy plus d_residual_out (None: nothing arrives from above)."""
+    norm input-gradient of dy plus d_residual_out (None: nothing arrives from above).
+
+    d_residual_out may be a strided view (its last dimension contiguous), e.g. the first m rows of each
+    sample of a (B, S, d) gradient: the kernel reads it in place where its rows form a (rows, d) or
+    (n, rows / n, d) view, with no contiguous copy."""
     if validate:
         _check_common(residual_out, weight, kind, name="residual_out")
         _check_like("dy", dy, residual_out, "residual_out")

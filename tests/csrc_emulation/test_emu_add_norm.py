@@ -94,3 +94,40 @@ def test_rows_wider_than_the_register_cache(emulated):
         up = lambda t: t.double()
         y64, dx64 = T._plain_torch(up(x + res), None, up(w), up(b), 1e-5, kind, up(dy), up(res))
         assert rel_err(y, y64) < 1e-5 and rel_err(dx, dx64) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,factor,fp32_tol", [(torch.float32, None, 1e-5), (torch.bfloat16, 2.0, None),
+                                                   (torch.float16, 2.0, None)])
+@pytest.mark.parametrize("kind", T.KINDS)
+@pytest.mark.parametrize("layout", ["samples", "rows", "blocks"])
+@pytest.mark.parametrize("B,m,d", [(1, 4, 48), (3, 4, 768), (2, 2, 2050)])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned rows, the scalar path
+def test_kernel_strided_d_residual_out(emulated, dtype, factor, fp32_tol, kind, layout, B, m, d, offset):
+    T._check_strided_d_residual_out("kernel", "cpu", dtype, factor, fp32_tol, kind, layout, B, m, d, offset)
+
+
+def test_kernel_rejects_a_bad_d_residual_out(emulated):
+    """The host checks name the value: a wrong shape and a non-contiguous last dimension."""
+    x, _, w, _ = T._inputs((4, 48), torch.float32)
+    _, res_out, stats = add_norm_forward(x, None, w, None, 1e-5, "rms", backend="kernel")
+    dx = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="d_residual_out"):
+        emulated.add_norm_bwd(x, torch.zeros(5, 48), res_out, w, stats, True, dx)
+    with pytest.raises(RuntimeError, match="d_residual_out's last dimension"):
+        emulated.add_norm_bwd(x, torch.zeros(48, 4).t(), res_out, w, stats, True, dx)
+
+
+@pytest.mark.parametrize("layout,launches", [("samples", {"csrc": 1}), ("rows", {"csrc": 1}),
+                                             ("blocks", {"csrc": 1, "aten": 1})])
+def test_strided_d_residual_out_is_read_in_place(emulated, layout, launches):
+    """Row views reach the kernel as they are (one launch); only a layout with no row view is copied first."""
+    from gradmem_fast.engine.launches import LaunchCounter
+
+    dres, _ = T._strided_d_residual_out(layout, 3, 4, 48, torch.float32, "cpu", seed=1, offset=0)
+    x, _, w, _ = T._inputs(dres.shape, torch.float32)
+    _, res_out, stats = add_norm_forward(x, None, w, None, 1e-5, "layer", backend="kernel")
+    dx = torch.empty_like(x)
+    counter = LaunchCounter()
+    with counter:
+        add_norm_backward(x, dres, res_out, w, stats, "layer", out=dx, backend="kernel", validate=False)
+    assert dict(counter.by("kind")) == launches

@@ -125,6 +125,8 @@ def test_bad_inputs_raise_value_error():
         add_norm_backward(x[:2], None, x, w, stats, "rms")
     with pytest.raises(ValueError, match="d_residual_out"):
         add_norm_backward(x, x.half(), x, w, stats, "rms")
+    with pytest.raises(ValueError, match="d_residual_out"):
+        add_norm_backward(x, torch.empty(8, 48)[::2, :-1], x, w, stats, "rms")
 
 
 # ---------------------------------------------------------------- csrc kernels, GPU only
@@ -141,6 +143,64 @@ def _plain_torch(x, res, w, b, eps, kind, dy, dres):
     if dres is not None:
         g = g + dres
     return y.detach(), g
+
+
+def _strided_d_residual_out(layout, B, m, d, dtype, device, seed, offset):
+    """(d_residual_out view, its whole buffer) of B * m rows of width d with strided rows:
+    "samples": the first m of S = m + 3 rows of each sample of a (B, S, d) buffer (the layer-0 memory rows);
+    "rows": a (B * m, d) view of rows 2d + 1 apart; "blocks": a (B, m // 2, 2, d) view of every other pair of
+    rows of each sample with a gap between samples, which no 2-D or 3-D row view covers (the wrapper copies
+    it). offset: elements before the first row."""
+    g = torch.Generator().manual_seed(seed)
+    n = {"samples": B * (m + 3) * d, "rows": B * m * (2 * d + 1), "blocks": B * (m // 2 + 1) * 4 * d}[layout]
+    buf = torch.randn(n + offset, generator=g, dtype=torch.float64).to(device, dtype)
+    flat = buf[offset:]
+    if layout == "samples":
+        view = flat.view(B, m + 3, d)[:, :m]
+    elif layout == "rows":
+        view = flat.view(B * m, 2 * d + 1)[:, :d]
+    else:
+        view = flat.view(B, m // 2 + 1, 2, 2, d)[:, :m // 2, 0]
+    return view, buf
+
+
+def _check_strided_d_residual_out(backend, device, dtype, factor, fp32_tol, kind, layout, B, m, d, offset):
+    """The backward with a strided d_residual_out against float64 autograd and the twin; the gradient buffer
+    must stay unchanged and every element of the poisoned output written."""
+    shape = (B, m // 2, 2, d) if layout == "blocks" else ((B, m, d) if layout == "samples" else (B * m, d))
+    x, res, w, b = _inputs(shape, dtype, device=device, seed=d + m, bias=True, residual=True)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    dres, buf = _strided_d_residual_out(layout, B, m, d, dtype, device, seed=d, offset=offset)
+    assert dres.shape == shape and dres.is_contiguous() == (layout == "samples" and B == 1)
+    before = buf.clone()
+    y, res_out, stats = add_norm_forward(x, res, w, b, 1e-5, kind, backend=backend)
+    dx = add_norm_backward(dy, dres, res_out, w, stats, kind, out=poison_(torch.empty_like(x)), backend=backend)
+    assert torch.equal(buf, before)
+    up = lambda t: t.double()
+    _, dx64 = _plain_torch(up(res_out), None, up(w), up(b), 1e-5, kind, up(dy), up(dres))
+    twin = add_norm_backward_reference(dy, dres.contiguous(), res_out, w, stats, kind)
+    if dtype == torch.float32:
+        assert rel_err(dx, dx64) < fp32_tol and rel_err(dx, twin) < fp32_tol
+    else:
+        _, pdx = _plain_torch(res_out, None, w, b, 1e-5, kind, dy, dres)
+        assert rel_err(dx, dx64) <= factor * rel_err(pdx, dx64) + 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["samples", "rows", "blocks"])
+def test_reference_strided_d_residual_out(kind, layout):
+    _check_strided_d_residual_out("reference", "cpu", torch.float32, None, 1e-5, kind, layout, 3, 4, 48, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,factor,fp32_tol", [(torch.float32, None, 1e-5), (torch.bfloat16, 2.0, None),
+                                                   (torch.float16, 2.0, None)])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["samples", "rows", "blocks"])
+@pytest.mark.parametrize("B,m,d", [(1, 4, 48), (4, 16, 768), (3, 8, 2050), (2, 32, 2048)])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned rows, the scalar path
+def test_kernel_strided_d_residual_out(dtype, factor, fp32_tol, kind, layout, B, m, d, offset):
+    _check_strided_d_residual_out("kernel", "cuda", dtype, factor, fp32_tol, kind, layout, B, m, d, offset)
 
 
 @pytest.mark.gpu
