@@ -155,7 +155,7 @@ def compile_one(index):
 
 def describe(signature, constexprs, options):
     ptrs = sorted({t for t in signature.values() if t.startswith("*") and t not in ("*fp32", "*i32", "*i64")})
-    keys = ("GROUP", "HEAD_DIM", "HAS_LENGTHS", "STATE_OUT", "BLOCK_M", "BLOCK_N", "BLOCK_V", "BLOCK_D")
+    keys = ("GROUP", "HEAD_DIM", "HAS_LENGTHS", "STATE_OUT", "DELTA_FROM_O", "BLOCK_M", "BLOCK_N", "BLOCK_V", "BLOCK_D")
     const = " ".join(f"{k}={constexprs[k]}" for k in keys if k in constexprs)
     return f"{','.join(ptrs) or 'fp32'} {const} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
 
