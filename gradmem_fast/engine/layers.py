@@ -40,6 +40,20 @@ def qkv_linears(spec):
     return tuple(fused)
 
 
+def _fold_bias(a, b):
+    return a if b is None else (b if a is None else a + b)
+
+
+def down_linears(spec):
+    """Per layer, the MLP down projection the engine runs: the model's own for a sequential residual; for a
+    parallel residual its weight with the attention output projection's bias added to its own (a vector made
+    once per write), so the layer's output `mlp + o Wo^T` is one GEMM accumulating onto the MLP's (the
+    residual add and the second bias are absorbed)."""
+    if not spec.parallel_residual:
+        return tuple(layer.down for layer in spec.layers)
+    return tuple(Linear(layer.down.weight, _fold_bias(layer.down.bias, layer.o.bias)) for layer in spec.layers)
+
+
 def _per_head(spec):
     return spec.qkv_layout == "per_head"
 
@@ -75,14 +89,23 @@ def qkv_grad_buffers(spec, lin, q):
 # ------------------------------------------------------------------ MLP
 
 
-def mlp_forward(spec, ops, layer, b):
-    """b (B, S, d) normed input -> (out (B, S, d), saved pre-activations)."""
+def mlp_forward(spec, ops, layer, b, down=None, out=None):
+    """b (B, S, d) normed input -> (out (B, S, d), saved pre-activations). down: the down projection
+    (default layer.down; see down_linears); out: a contiguous buffer of B*S*d elements it writes into."""
     if spec.activation == "swiglu":
         pre = (linear(b, layer.gate), linear(b, layer.up))
     else:
         pre = linear(b, layer.up)
     act = ops.activation_forward(spec.activation, pre)
-    return linear(act, layer.down), pre
+    down = layer.down if down is None else down
+    if out is None:
+        return linear(act, down), pre
+    act2, out2 = act.view(-1, act.shape[-1]), out.view(-1, down.weight.shape[0])
+    if down.bias is None:
+        torch.mm(act2, down.weight.t(), out=out2)
+    else:
+        torch.addmm(down.bias, act2, down.weight.t(), out=out2)
+    return out.view(*b.shape[:-1], down.weight.shape[0]), pre
 
 
 def mlp_backward(spec, ops, layer, g, pre):
@@ -105,13 +128,25 @@ def _rotate_qk_(spec, ops, qk, cos, sin, inverse=False):
         ops.apply_rotary_(qk, cos, sin, spec.rotary, inverse=inverse)
 
 
-def attention_block_forward(spec, ops, layer, qkv_lin, a, lengths, rope):
-    """Attention over all S rows (layers >= 1). a (B, S, d) normed input -> (out (B, S, d), saved)."""
+def output_projection(o, lin, addend=None, in_place=False):
+    """o (B, S, H, D) -> o Wo^T + b (B, S, d); with addend (B, S, d, contiguous) addend + o Wo^T in one GEMM,
+    the bias not added (it is in addend: down_linears), written into addend itself when in_place."""
+    if addend is None:
+        return linear(o.flatten(2), lin)
+    a2, o2 = addend.view(-1, addend.shape[-1]), o.reshape(-1, lin.weight.shape[1])
+    if in_place:
+        return a2.addmm_(o2, lin.weight.t()).view(addend.shape)
+    return torch.addmm(a2, o2, lin.weight.t()).view(addend.shape)
+
+
+def attention_block_forward(spec, ops, layer, qkv_lin, a, lengths, rope, addend=None):
+    """Attention over all S rows (layers >= 1). a (B, S, d) normed input -> (out (B, S, d), saved).
+    addend: the (B, S, d) MLP output of a parallel-residual layer, accumulated into in place (output_projection)."""
     q, k, v, qk = qkv_project(spec, qkv_lin, a)
     cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
     _rotate_qk_(spec, ops, qk, cos, sin)
     o, lse = ops.attention_forward(q, k, v, lengths, spec.attn_scale)
-    return linear(o.flatten(2), layer.o), (q, k, v, o, lse)
+    return output_projection(o, layer.o, addend, in_place=True), (q, k, v, o, lse)
 
 
 def attention_block_backward(spec, ops, layer, qkv_lin, g, saved, lengths, rope):
@@ -132,11 +167,14 @@ class Layer0Context:
     q_ctx: torch.Tensor  # (B, T, H, D) context queries, rotated
     state: Any  # context-over-context attention state (ops.attention)
     rows: torch.Tensor  # (B, m + T, d) layer-0 input: context rows filled once, memory rows per step
-    mlp_rows: Optional[torch.Tensor]  # (B, m + T, d) MLP output, context rows filled once (parallel only)
+    # (B, m + T, d) MLP output plus the output projection's bias (down_linears), context rows filled once
+    # (parallel residual only)
+    mlp_rows: Optional[torch.Tensor]
 
 
-def layer0_context(spec, ops, qkv_lin, x_ctx, ctx_lengths, ctx_tables, m):
-    """The layer-0 work on the context rows that no memory can change. x_ctx (B, T, d)."""
+def layer0_context(spec, ops, qkv_lin, down_lin, x_ctx, ctx_lengths, ctx_tables, m):
+    """The layer-0 work on the context rows that no memory can change. x_ctx (B, T, d); down_lin: layer 0's
+    down projection of down_linears."""
     layer = spec.layers[0]
     a_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.attn_norm, spec.norm_kind)
     q, k, v, qk = qkv_project(spec, qkv_lin, a_ctx)
@@ -150,7 +188,7 @@ def layer0_context(spec, ops, qkv_lin, x_ctx, ctx_lengths, ctx_tables, m):
     if spec.parallel_residual:
         b_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.mlp_norm, spec.norm_kind)
         mlp_rows = rows.new_empty(B, m + T, d)
-        mlp_rows[:, m:].copy_(mlp_forward(spec, ops, layer, b_ctx)[0])
+        mlp_rows[:, m:].copy_(mlp_forward(spec, ops, layer, b_ctx, down=down_lin)[0])
     return Layer0Context(q_ctx=q, state=state, rows=rows, mlp_rows=mlp_rows)
 
 
@@ -167,7 +205,6 @@ def layer0_forward(plan, x_mem, in_rows=False):
     if plan.rope is not None:
         _rotate_qk_(spec, ops, qk, plan.rope.cos_mem, plan.rope.sin_mem)
     o, lse = ops.memory_attention_forward(q, k, v, ctx.q_ctx, ctx.state, plan.ctx_lengths, spec.attn_scale)
-    attn_out = linear(o.flatten(2), layer.o)
     # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
     x = ctx.rows
     if not in_rows:
@@ -175,10 +212,14 @@ def layer0_forward(plan, x_mem, in_rows=False):
     attn_saved = (q, k, v, o, lse)
     if spec.parallel_residual:
         b_mem, _, s2 = ops.add_norm_forward(x_mem, None, layer.mlp_norm, spec.norm_kind)
-        mlp_mem, pre = mlp_forward(spec, ops, layer, b_mem)
-        ctx.mlp_rows[:, :plan.m].copy_(mlp_mem)
-        pending = attn_out.add_(ctx.mlp_rows)
+        if plan.B == 1:  # the memory rows of mlp_rows are contiguous: the down projection writes them
+            _, pre = mlp_forward(spec, ops, layer, b_mem, down=plan.down[0], out=ctx.mlp_rows[0, :plan.m])
+        else:
+            mlp_mem, pre = mlp_forward(spec, ops, layer, b_mem, down=plan.down[0])
+            ctx.mlp_rows[:, :plan.m].copy_(mlp_mem)
+        pending = output_projection(o, layer.o, ctx.mlp_rows)  # mlp_rows + o Wo^T, a new tensor
         return pending, x, (x_mem, s1, attn_saved, s2, pre)
+    attn_out = output_projection(o, layer.o)
     b, h2, s2 = ops.add_norm_forward(attn_out, x, layer.mlp_norm, spec.norm_kind)
     mlp_out, pre = mlp_forward(spec, ops, layer, b)
     return mlp_out, h2, (x_mem, s1, attn_saved, h2, s2, pre)
@@ -218,12 +259,15 @@ def layer_forward(plan, i, pending, h):
     spec, ops = plan.spec, plan.ops
     layer = spec.layers[i]
     a, h1, s1 = ops.add_norm_forward(pending, h, layer.attn_norm, spec.norm_kind)
+    if spec.parallel_residual:
+        # out = mlp(norm2(h1)) + attn(norm1(h1)): the output projection accumulates onto the MLP output
+        b, _, s2 = ops.add_norm_forward(h1, None, layer.mlp_norm, spec.norm_kind)
+        mlp_out, pre = mlp_forward(spec, ops, layer, b, down=plan.down[i])
+        out, attn_saved = attention_block_forward(spec, ops, layer, plan.qkv[i], a, plan.full_lengths, plan.rope,
+                                                  addend=mlp_out)
+        return out, h1, (h1, s1, attn_saved, s2, pre)
     attn_out, attn_saved = attention_block_forward(spec, ops, layer, plan.qkv[i], a, plan.full_lengths,
                                                    plan.rope)
-    if spec.parallel_residual:
-        b, _, s2 = ops.add_norm_forward(h1, None, layer.mlp_norm, spec.norm_kind)
-        mlp_out, pre = mlp_forward(spec, ops, layer, b)
-        return attn_out + mlp_out, h1, (h1, s1, attn_saved, s2, pre)
     b, h2, s2 = ops.add_norm_forward(attn_out, h1, layer.mlp_norm, spec.norm_kind)
     mlp_out, pre = mlp_forward(spec, ops, layer, b)
     return mlp_out, h2, (h1, s1, attn_saved, h2, s2, pre)
