@@ -197,18 +197,20 @@ def layer0_context(spec, ops, qkv_lin, down_lin, x_ctx, ctx_lengths, ctx_tables,
 
 def layer0_forward(plan, x_mem, in_rows=False):
     """x_mem (B, m, d) memory rows as they enter the model -> (pending, h, saved). in_rows: x_mem is the
-    memory rows of the layer-0 input buffer already."""
+    memory rows of the layer-0 input buffer already (see step.memory_in)."""
     spec, ops, ctx = plan.spec, plan.ops, plan.layer0
     layer = spec.layers[0]
+    # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
+    x = ctx.rows
+    if not in_rows:
+        x[:, :plan.m].copy_(x_mem)
+        if plan.B == 1:  # x_mem may be in the memory's dtype (step.memory_in): the rows hold it cast
+            x_mem = x[:, :plan.m]
     a_mem, _, s1 = ops.add_norm_forward(x_mem, None, layer.attn_norm, spec.norm_kind)
     q, k, v, qk = qkv_project(spec, plan.qkv[0], a_mem)
     if plan.rope is not None:
         _rotate_qk_(spec, ops, qk, plan.rope.cos_mem, plan.rope.sin_mem)
     o, lse = ops.memory_attention_forward(q, k, v, ctx.q_ctx, ctx.state, plan.ctx_lengths, spec.attn_scale)
-    # only the m memory rows of the layer-0 input change: written into the per-write buffer in place
-    x = ctx.rows
-    if not in_rows:
-        x[:, :plan.m].copy_(x_mem)
     attn_saved = (q, k, v, o, lse)
     if spec.parallel_residual:
         b_mem, _, s2 = ops.add_norm_forward(x_mem, None, layer.mlp_norm, spec.norm_kind)

@@ -7,10 +7,14 @@ from .layers import layer0_backward, layer0_forward, layer_backward, layer_forwa
 
 def memory_in(plan, memory):
     """memory (B, m, d) in its own dtype -> (x_mem, in_rows): the memory rows entering the model (B, m, d),
-    model dtype; in_rows when x_mem already is the memory rows of the layer-0 input buffer."""
+    model dtype; in_rows when x_mem already is the memory rows of the layer-0 input buffer. With B == 1 and
+    no learned positions x_mem may keep the memory's (or projection's) dtype: layer0_forward's copy into the
+    layer-0 input rows casts it, one launch instead of a cast and a copy."""
     x = memory
     if plan.proj_weight is not None:
         x = F.linear(x.to(plan.proj_weight.dtype), plan.proj_weight, plan.proj_bias)
+    if plan.B == 1 and plan.pos_mem is None:
+        return x, False
     x = x.to(plan.dtype)
     if plan.pos_mem is not None:
         if plan.B == 1:  # those rows are contiguous: the add writes them, no copy (B > 1 would need two)
