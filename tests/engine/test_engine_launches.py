@@ -26,9 +26,9 @@ import emu_build  # noqa: E402
 
 # launches per step: each layer >= 1, layer 0 and the rest, the last two as (B == 1, B > 1)
 BUDGET = {
-    "gpt2": dict(layer=18, layer0=(19, 21), rest=(8, 10)),
-    "llama": dict(layer=22, layer0=(24, 25), rest=(7, 9)),
-    "gpt_neox": dict(layer=23, layer0=(26, 27), rest=(7, 9)),
+    "gpt2": dict(layer=17, layer0=(19, 20), rest=(8, 10)),
+    "llama": dict(layer=21, layer0=(24, 24), rest=(7, 9)),
+    "gpt_neox": dict(layer=19, layer0=(22, 23), rest=(7, 9)),
 }
 REST = ("memory", "head", "update")
 
