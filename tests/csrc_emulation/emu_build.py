@@ -29,9 +29,13 @@ def rewrite_launches(source):
 
 
 def build_dir():
+    """One folder per torch version and Python: objects built against one torch never load into another."""
+    import torch
+
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                   "torch_extensions")
-    return os.path.join(root, NAME)
+    tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}"
+    return os.path.join(root, f"{NAME}-{tag}")
 
 
 def missing_reason():

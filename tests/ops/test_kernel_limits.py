@@ -201,9 +201,14 @@ def test_fp32_dot_precision_follows_torch(launches, monkeypatch, fp32_precision,
     assert {launch.kwargs["PRECISION"] for launch in with_dots} == {expected}
 
 
-def test_fp32_dot_precision_legacy_switch(launches, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    run_attention(2, 80, 4, 2, 32, torch.float32)
+def test_fp32_dot_precision_legacy_switch(launches):
+    # set and reset by hand: some torch versions (2.11) refuse to read allow_tf32 back, which monkeypatch does
+    matmul = torch.backends.cuda.matmul
+    matmul.allow_tf32 = True
+    try:
+        run_attention(2, 80, 4, 2, 32, torch.float32)
+    finally:
+        matmul.allow_tf32 = False  # the default
     assert {launch.kwargs["PRECISION"] for launch in launches if "PRECISION" in launch.kwargs} == {"tf32"}
 
 
