@@ -127,13 +127,13 @@ def mark_write(device):
     _LAST_WRITE[device] = event
 
 
-def graph_key(model, spec, signature, ops, B, Tb, m, memory_dtype, write_head, memory_proj, clip_value,
+def graph_key(model, spec, signature, ops, B, Tb, R, m, memory_dtype, write_head, memory_proj, clip_value,
               clip_norm):
     def ptr(t):
         return None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
     proj = None if memory_proj is None else (ptr(memory_proj.weight), ptr(memory_proj.bias))
-    return (id(model), signature, spec.embedding.device, spec.embedding.dtype, B, Tb, m, memory_dtype,
+    return (id(model), signature, spec.embedding.device, spec.embedding.dtype, B, Tb, R, m, memory_dtype,
             ptr(write_head), proj, clip_value, clip_norm, ops.backend, matmul_settings())
 
 
@@ -175,8 +175,8 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
     m = start.shape[1]
     Tb = bucket_length(T, m, spec.max_positions)
     R = head_rows_bucket(real_rows, B * Tb)
-    key = graph_key(model, spec, signature, ops, B, Tb, m, start.dtype, write_head, memory_proj, clip_value,
-                    clip_norm) + (R,)
+    key = graph_key(model, spec, signature, ops, B, Tb, R, m, start.dtype, write_head, memory_proj, clip_value,
+                    clip_norm)
 
     def fill(ids, mask, memory, lr_t):
         ids[:, :T].copy_(input_ids)

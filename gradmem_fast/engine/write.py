@@ -1,9 +1,9 @@
 """The fast writer's entry points: fast_reason (can it take this call?) and fast_write."""
-import contextlib
 import os
 
 import torch
 
+from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
 from .specs import spec_of
@@ -46,11 +46,6 @@ def _op_backend(op_backend):
     return backend
 
 
-def _on_device(device):
-    """Make the tensors' device current: Triton launches, graph capture and replay use the current device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _use_graphs(device, use_graphs):
     if device.type != "cuda":
         return False
@@ -78,28 +73,29 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     m = memory.shape[-2]
     start_view = memory.expand(B, m, memory.shape[-1])
     start = start_view.detach().clone(memory_format=torch.contiguous_format)
-    # only rows that predict a real token reach the head: their count is read once, before any step
-    # (the mask's values were already read by the argument checks)
-    real_rows = B * T if attention_mask is None else int(attention_mask.sum())
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     losses = None
     if return_losses:
         losses = torch.empty(B, steps, dtype=torch.float32, device=input_ids.device)
     if steps > 0:
+        # only rows that predict a real token reach the head: their count is read once, before any step
+        # (the mask's values were already read by the argument checks)
+        real_rows = B * T if attention_mask is None else int(attention_mask.sum())
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         spec, signature = spec_of(model)
         if spec.max_positions is not None and m + T > spec.max_positions:
             raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
                              "(position table or sliding window), which the fast engine does not cover")
-        with torch.no_grad(), _on_device(start.device):
+        with torch.no_grad():
             if _use_graphs(input_ids.device, use_graphs):
-                from .graphs import graph_write
+                from .graphs import graph_write  # makes the tensors' device current itself
                 result = graph_write(model, spec, signature, ops, start, input_ids, attention_mask, steps=steps,
                                      lr=lr, write_head=write_head, memory_proj=memory_proj, clip_value=clip_value,
                                      clip_norm=clip_norm, losses=losses, real_rows=real_rows)
             else:
-                result = _eager_write(spec, ops, start, input_ids, attention_mask, steps, lr, write_head,
-                                      memory_proj, clip_value, clip_norm, losses, real_rows)
+                with on_device(start):  # Triton launches on the current device
+                    result = _eager_write(spec, ops, start, input_ids, attention_mask, steps, lr, write_head,
+                                          memory_proj, clip_value, clip_norm, losses, real_rows)
     else:
         result = start
     if grad_mode == "first":

@@ -402,7 +402,7 @@ def test_graph_key_follows_matmul_settings(setting, value):
     spec, signature = spec_of(model)
 
     def key():
-        return graphs.graph_key(model, spec, signature, ops_for("auto"), 2, 16, 3, torch.float32, None, None,
+        return graphs.graph_key(model, spec, signature, ops_for("auto"), 2, 16, 32, 3, torch.float32, None, None,
                                 None, None)
 
     matmul = torch.backends.cuda.matmul
