@@ -8,31 +8,21 @@ import pytest
 
 import gradmem_fast.ops.activation as activation
 import gradmem_fast.ops.add_norm as add_norm
-import gradmem_fast.ops.attention as attention
-import gradmem_fast.ops.head_loss as head_loss
 import gradmem_fast.ops.memory_update as memory_update
 import gradmem_fast.ops.rotary as rotary
 from helpers import rel_err
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine"))
-from engine_cases import WIDE, write_both  # noqa: E402
+from engine_cases import TRITON_OPS, WIDE, refuse_twins, write_both  # noqa: E402
 
 TOL_FP32 = 1e-4
 TWINS = {  # every op the engine calls: its twin must never run here
-    attention: ("attention_forward", "attention_backward", "context_attention_state", "memory_attention_forward",
-                "memory_attention_backward"),
-    head_loss: ("fused_head_loss",),
+    **TRITON_OPS,
     add_norm: ("add_norm_forward", "add_norm_backward"),
     rotary: ("rotary_tables", "apply_rotary_"),
     activation: ("swiglu_forward", "swiglu_backward", "gelu_forward", "gelu_backward"),
     memory_update: ("memory_update_",),
 }
-
-
-def _refuse(name):
-    def twin(*args, **kwargs):
-        raise AssertionError(f"{name} fell back to its PyTorch twin")
-    return twin
 
 
 @pytest.mark.parametrize("family, B, T, lengths, m, steps, options", [
@@ -42,9 +32,7 @@ def _refuse(name):
     ("gpt_neox", 2, 5, [5, 1], 1, 2, ("write_head",)),
 ])
 def test_engine_on_kernels_matches_reference(emulated, monkeypatch, family, B, T, lengths, m, steps, options):
-    for module, names in TWINS.items():
-        for name in names:
-            monkeypatch.setattr(module, name + "_reference", _refuse(name))
+    refuse_twins(monkeypatch, TWINS)
     out, losses, ref, ref_losses, start = write_both(
         family, B=B, T=T, lengths=lengths, m=m, steps=steps, option_names=options, op_backend="kernel", seed=13,
         **WIDE.get(family, WIDE["llama"]))

@@ -5,6 +5,8 @@ import functools
 import torch
 from torch import nn
 
+import gradmem_fast.ops.attention as attention
+import gradmem_fast.ops.head_loss as head_loss
 import gradmem_fast.reference
 from gradmem_fast.engine import fast_write
 from helpers import random_batch, tiny_model
@@ -91,3 +93,24 @@ def write_both(family, *, B, T, lengths=None, m, steps, lr=0.5, option_names=(),
                              grad_mode=grad_mode, return_losses=True, op_backend=op_backend, use_graphs=use_graphs,
                              **fast_kwargs(cast(options, torch.float32, device)))
     return out.cpu(), losses.cpu(), ref, ref_losses, memory
+
+
+# the engine's ops that run as Triton kernels: {module: op names}
+TRITON_OPS = {
+    attention: ("attention_forward", "attention_backward", "context_attention_state", "memory_attention_forward",
+                "memory_attention_backward"),
+    head_loss: ("fused_head_loss",),
+}
+
+
+def refuse_twins(monkeypatch, ops_table):
+    """ops_table {module: op names}: make each op's PyTorch twin (name + "_reference") raise, so a test of the
+    kernels cannot silently pass on a fallback to the twins."""
+    def refuse(name):
+        def twin(*args, **kwargs):
+            raise AssertionError(f"{name} fell back to its PyTorch twin")
+        return twin
+
+    for module, names in ops_table.items():
+        for name in names:
+            monkeypatch.setattr(module, name + "_reference", refuse(name))

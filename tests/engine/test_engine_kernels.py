@@ -3,23 +3,8 @@ import warnings
 
 import pytest
 
-import gradmem_fast.ops.attention as attention
-import gradmem_fast.ops.head_loss as head_loss
-from engine_cases import WIDE, write_both
+from engine_cases import TRITON_OPS, WIDE, refuse_twins, write_both
 from helpers import rel_err
-
-
-TRITON_OPS = {
-    attention: ("attention_forward", "attention_backward", "context_attention_state", "memory_attention_forward",
-                "memory_attention_backward"),
-    head_loss: ("fused_head_loss",),
-}
-
-
-def _refuse(name):
-    def twin(*args, **kwargs):
-        raise AssertionError(f"{name} fell back to its PyTorch twin")
-    return twin
 
 
 @pytest.mark.parametrize("family, B, T, lengths, m, steps, tol", [
@@ -29,9 +14,7 @@ def _refuse(name):
 ])
 def test_kernels_fp32(family, B, T, lengths, m, steps, tol, monkeypatch):
     # a silent fallback to a twin would make this test pointless: the twins must not be reached
-    for module, names in TRITON_OPS.items():
-        for name in names:
-            monkeypatch.setattr(module, name + "_reference", _refuse(name))
+    refuse_twins(monkeypatch, TRITON_OPS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         # older Triton interpreters convert 1-element numpy arrays to scalars, which numpy deprecates
