@@ -77,9 +77,13 @@ def _check(dtype, factor, fp32_tol, out, out64, plain):
 @pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned views, the scalar path
 def test_swiglu_kernel(dtype, factor, fp32_tol, rows, d, offset):
     n = rows * d
-    gate = _t(n + 1, dtype, "cuda", seed=d)[offset: offset + n].view(rows, d)
-    up = _t(n + 1, dtype, "cuda", seed=d + 1)[offset: offset + n].view(rows, d)
-    dy = _t(n + 1, dtype, "cuda", seed=d + 2)[offset: offset + n].view(rows, d)
+    gate, up, dy = (_t(n + 1, dtype, "cuda", seed=d + i)[offset: offset + n].view(rows, d) for i in range(3))
+    check_swiglu(gate, up, dy, dtype, factor, fp32_tol, 1e-6 if dtype == torch.float32 else 2 ** -7)
+
+
+def check_swiglu(gate, up, dy, dtype, factor, fp32_tol, twin_tol):
+    """The SwiGLU kernel against float64 autograd (16-bit: within `factor` of the plain PyTorch error) and its
+    twin (within twin_tol). Shared with the emulated tests (tests/csrc_emulation)."""
     y = swiglu_forward(gate, up, out=poison_(torch.empty_like(gate)), backend="kernel")
     d_gate, d_up = swiglu_backward(dy, gate, up, out=(poison_(torch.empty_like(gate)), poison_(torch.empty_like(gate))),
                                    backend="kernel")
@@ -93,8 +97,8 @@ def test_swiglu_kernel(dtype, factor, fp32_tol, rows, d, offset):
     _check(dtype, factor, fp32_tol, d_gate, dg64, dgp)
     _check(dtype, factor, fp32_tol, d_up, du64, dup)
     rg, ru = swiglu_backward_reference(dy, gate, up)
-    assert rel_err(y, swiglu_forward_reference(gate, up)) <= (1e-6 if dtype == torch.float32 else 2 ** -7)
-    assert rel_err(d_gate, rg) <= (1e-6 if dtype == torch.float32 else 2 ** -7)
+    assert rel_err(y, swiglu_forward_reference(gate, up)) <= twin_tol
+    assert rel_err(d_gate, rg) <= twin_tol and rel_err(d_up, ru) <= twin_tol
 
 
 @pytest.mark.gpu
@@ -105,8 +109,12 @@ def test_swiglu_kernel(dtype, factor, fp32_tol, rows, d, offset):
 @pytest.mark.parametrize("offset", [0, 1])
 def test_gelu_kernel(dtype, factor, fp32_tol, approximate, rows, d, offset):
     n = rows * d
-    x = _t(n + 1, dtype, "cuda", seed=d)[offset: offset + n].view(rows, d)
-    dy = _t(n + 1, dtype, "cuda", seed=d + 2)[offset: offset + n].view(rows, d)
+    x, dy = (_t(n + 1, dtype, "cuda", seed=d + i)[offset: offset + n].view(rows, d) for i in (0, 2))
+    check_gelu(x, dy, approximate, dtype, factor, fp32_tol, 1e-6 if dtype == torch.float32 else 2 ** -7)
+
+
+def check_gelu(x, dy, approximate, dtype, factor, fp32_tol, twin_tol):
+    """The GELU kernel against float64 autograd and its twin, as check_swiglu."""
     y = gelu_forward(x, approximate, out=poison_(torch.empty_like(x)), backend="kernel")
     dx = gelu_backward(dy, x, approximate, out=poison_(torch.empty_like(x)), backend="kernel")
     x64 = x.double().requires_grad_()
@@ -117,7 +125,8 @@ def test_gelu_kernel(dtype, factor, fp32_tol, approximate, rows, d, offset):
     (dxp,) = torch.autograd.grad(yp, xp, dy)
     _check(dtype, factor, fp32_tol, y, y64, yp)
     _check(dtype, factor, fp32_tol, dx, dx64, dxp)
-    assert rel_err(dx, gelu_backward_reference(dy, x, approximate)) <= (1e-6 if dtype == torch.float32 else 2 ** -7)
+    assert rel_err(y, gelu_forward_reference(x, approximate)) <= twin_tol
+    assert rel_err(dx, gelu_backward_reference(dy, x, approximate)) <= twin_tol
 
 
 @pytest.mark.gpu
