@@ -24,27 +24,7 @@ def test_kernel_against_float64(emulated, dtype, factor, fp32_tol, kind, rows, d
     g = torch.Generator().manual_seed(7)
     dy = torch.randn(rows, d, generator=g).to(dtype)
     dres = torch.randn(rows, d, generator=g).to(dtype)
-    out = (poison_(torch.empty_like(x)), poison_(torch.empty_like(x)), poison_(torch.empty(rows, 2)))
-    y, res_out, stats = add_norm_forward(x, res, w, b, 1e-5, kind, out=out, backend="kernel")
-    assert y.data_ptr() == out[0].data_ptr() and stats is out[2]
-    assert res_out.data_ptr() == out[1].data_ptr() if with_res else res_out is x
-    dx = add_norm_backward(dy, dres, res_out, w, stats, kind, out=poison_(torch.empty_like(x)), backend="kernel")
-
-    h = x if res is None else x + res
-    assert torch.equal(res_out, h)
-    up = lambda t: None if t is None else t.double()
-    y64, dx64 = T._plain_torch(up(h), None, up(w), up(b), 1e-5, kind, up(dy), up(dres))
-    _, _, stats64 = add_norm_forward_reference(up(h), None, up(w), up(b), 1e-5, kind)
-    assert rel_err(stats, stats64) < 1e-5
-    ry, _, rstats = add_norm_forward_reference(x, res, w, b, 1e-5, kind)
-    rdx = add_norm_backward_reference(dy, dres, res_out, w, rstats, kind)
-    if dtype == torch.float32:
-        assert rel_err(y, y64) < fp32_tol and rel_err(dx, dx64) < fp32_tol
-        assert rel_err(y, ry) < fp32_tol and rel_err(dx, rdx) < fp32_tol
-    else:
-        py, pdx = T._plain_torch(h, None, w, b, 1e-5, kind, dy, dres)
-        assert rel_err(y, y64) <= factor * rel_err(py, y64) + 1e-6
-        assert rel_err(dx, dx64) <= factor * rel_err(pdx, dx64) + 1e-6
+    T.check_kernel(x, res, w, b, dy, dres, kind, dtype, factor, fp32_tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)])

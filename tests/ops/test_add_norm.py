@@ -215,8 +215,16 @@ def test_kernel_against_float64(dtype, factor, fp32_tol, kind, d, rows, with_res
     g = torch.Generator().manual_seed(7)
     dy = torch.randn(rows, d, generator=g).to("cuda", dtype)
     dres = torch.randn(rows, d, generator=g).to("cuda", dtype)
-    out = (poison_(torch.empty_like(x)), poison_(torch.empty_like(x)), poison_(torch.empty(rows, 2, device="cuda")))
+    check_kernel(x, res, w, b, dy, dres, kind, dtype, factor, fp32_tol)
+
+
+def check_kernel(x, res, w, b, dy, dres, kind, dtype, factor, fp32_tol):
+    """add_norm forward and backward kernels against float64 (16-bit: within `factor` of the plain PyTorch
+    error) and the twins, into NaN-poisoned out= buffers. Shared with the emulated tests (tests/csrc_emulation)."""
+    out = (poison_(torch.empty_like(x)), poison_(torch.empty_like(x)),
+           poison_(torch.empty(x.shape[0], 2, device=x.device)))
     y, res_out, stats = add_norm_forward(x, res, w, b, 1e-5, kind, out=out, backend="kernel")
+    assert y is out[0] and stats is out[2] and res_out is (x if res is None else out[1])
     dx = add_norm_backward(dy, dres, res_out, w, stats, kind, out=poison_(torch.empty_like(x)), backend="kernel")
 
     # residual_out is the dtype's own rounded sum, bit for bit
