@@ -2,7 +2,8 @@
 import torch
 
 from .. import validation
-from .model_io import eager_attention, per_sample_loss, project_memory
+from .attention import reference_attention_mode
+from .model_io import per_sample_loss, project_memory
 
 
 def clip_gradient(grad, clip_value=None, clip_norm=None):
@@ -44,7 +45,7 @@ def write_unchecked(model, memory, input_ids, attention_mask, *, steps, lr, writ
     with torch.enable_grad():
         if grad_mode == "second":
             current = start if start.requires_grad else start.detach().requires_grad_(True)
-            with eager_attention(model):
+            with reference_attention_mode(model):
                 for _ in range(steps):
                     current = current - lr * step_loss(current, create_graph=True)
             result = current
