@@ -1,5 +1,6 @@
 """The public API: write a context into memory, and read from memory."""
 from . import dispatch, validation
+from .generate import generate
 from .reference import memory_cache, read
 from .reference.write import write_unchecked
 
@@ -42,4 +43,4 @@ def write(model, memory, input_ids, attention_mask=None, *, steps, lr, write_hea
     return write_unchecked(model, memory, input_ids, mask, **options)
 
 
-__all__ = ["write", "read", "memory_cache"]
+__all__ = ["write", "read", "generate", "memory_cache"]
