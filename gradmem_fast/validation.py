@@ -114,6 +114,9 @@ def check_memory_proj(model, memory_proj):
         raise ValueError(
             f"memory_proj maps {memory_proj.in_features} -> {memory_proj.out_features}, expected {d} -> {d}")
     _same_device("memory_proj", memory_proj.weight, model_device(model))
+    for part, tensor in (("weight", memory_proj.weight), ("bias", memory_proj.bias)):
+        if tensor is not None:
+            _check_finite_float(f"memory_proj.{part}", tensor)
 
 
 def check_write_head(model, write_head):
@@ -132,7 +135,16 @@ def check_write_head(model, write_head):
     if tuple(weight.shape) != expected:
         raise ValueError(f"write_head shape {tuple(weight.shape)} != (V, d) = {expected}")
     _same_device("write_head", weight, model_device(model))
+    _check_finite_float("write_head", weight)
     return weight
+
+
+def _check_finite_float(name, tensor):
+    """A parameter tensor must be floating point and hold no NaN or inf (either would poison the memory)."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds non-finite values (NaN or inf)")
 
 
 def _check_real(name, value, positive=False):

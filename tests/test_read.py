@@ -65,3 +65,20 @@ def test_memory_cache_generate():
     assert out.shape == (1, 6)
     x = full_logits(model, memory, ids)
     assert int(out[0, 3]) == int(x[0, -1].argmax())
+
+
+def test_memory_cache_uses_the_installed_cache_name(capfd):
+    import warnings
+
+    from gradmem_fast.reference.read import cache_keyword
+
+    model = tiny_model("gpt2")  # learned positions: no float32 rotary tables, so float64 agrees to rounding
+    ids, _, memory = random_batch(model, 2, 4, m=3, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning from building or passing the cache
+        cache = gradmem_fast.memory_cache(model, memory.expand(2, -1, -1))
+        cached = model(input_ids=ids, **{cache_keyword(model): cache}).logits
+    assert "deprecat" not in "".join(capfd.readouterr()).lower()
+    assert cache_keyword(model) in ("cache", "past_key_values")
+    expected = full_logits(model, memory, ids)[:, 3:]
+    assert rel_err(cached, expected) < 1e-12
