@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import gradmem_fast
+from gradmem_fast.reference.read import cache_keyword
 from helpers import FAMILIES, random_batch, rel_err, tiny_model
 
 # SDPA is float64-exact on the CPU; Hugging Face's eager attention runs its softmax in float32, so
@@ -48,7 +49,7 @@ def test_memory_cache_continues_from_memory(family):
     memory = torch.stack([memory, 0.5 * memory])
     cache = gradmem_fast.memory_cache(model, memory)
     assert cache.get_seq_length() == 4
-    cached = model(input_ids=ids, past_key_values=copy.deepcopy(cache)).logits
+    cached = model(input_ids=ids, **{cache_keyword(model): copy.deepcopy(cache)}).logits
     expected = full_logits(model, memory, ids)[:, 4:]
     assert rel_err(cached, expected) < 1e-12
     from_read = gradmem_fast.read(model, memory, ids)
@@ -60,7 +61,7 @@ def test_memory_cache_generate():
     ids, _, memory = random_batch(model, 1, 3, m=2, seed=4)
     cache = gradmem_fast.memory_cache(model, memory)
     mask = torch.ones(1, 2 + 3, dtype=torch.long)
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+    out = model.generate(input_ids=ids, attention_mask=mask, **{cache_keyword(model): cache}, max_new_tokens=3,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (1, 6)
     x = full_logits(model, memory, ids)
