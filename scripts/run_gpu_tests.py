@@ -31,7 +31,7 @@ def _top_level_tests():
 # wave -> pytest targets; together they cover every test file under tests/ once
 WAVES = {
     "kernels": ["tests/ops", "tests/models"] + [f"--ignore={path}" for path in CSRC],
-    "engine": CSRC + ["tests/engine", "tests/benchmark", "tests/csrc_emulation"] + _top_level_tests(),
+    "engine": CSRC + ["tests/engine", "tests/benchmark", "tests/csrc_emulation", "tests/scripts"] + _top_level_tests(),
 }
 GRACE_S = 15
 POLL_S = 0.5
@@ -96,8 +96,17 @@ def run(out, seconds, shards, wait_file=None, wait_limit=None, pytest_args=(), l
         shard.start(env)
     engine_started = False
     interrupted = killed = False
+    stop = []  # SIGINT or SIGTERM to this process: stop the shards as at the deadline
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     while True:
         now = time.monotonic()
+        if stop and not interrupted:
+            deadline = now - 1
+            log(f"signal {stop[0]}: stopping the shards")
         if not engine_started and not interrupted:
             ready = wait_file is None or os.path.exists(wait_file)
             late = wait_limit is not None and now - start >= wait_limit
@@ -116,11 +125,13 @@ def run(out, seconds, shards, wait_file=None, wait_limit=None, pytest_args=(), l
             log(f"deadline of {seconds:.0f}s reached: interrupting {', '.join(s.name for s in running)}")
             for shard in running:
                 shard.signal(signal.SIGINT)
-        elif interrupted and not killed and now > deadline + GRACE_S:
+        elif interrupted and not killed and now > deadline + (GRACE_S if not stop else GRACE_S / 3):
             killed = True
             for shard in running:
                 shard.signal(signal.SIGKILL)
         time.sleep(POLL_S)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     codes = {}
     for wave in waves.values():
         for shard in wave:
