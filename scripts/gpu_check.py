@@ -321,7 +321,10 @@ def _fmt(value):
 
 def info():
     """Machine and package versions, and what a carried Triton cache must match."""
-    subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    else:
+        print("no nvidia-smi on PATH")
     import torch
     import transformers
     import triton

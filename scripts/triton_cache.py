@@ -14,6 +14,7 @@ intermediate IR (ttir, ttgir, llir, ptx), which a cache hit does not read.
     python3 scripts/triton_cache.py unpack IN.tar.gz [CACHE_DIR]  # default $TRITON_CACHE_DIR
     python3 scripts/triton_cache.py key                            # local_key() as JSON
 """
+import gzip
 import hashlib
 import io
 import json
@@ -39,7 +40,8 @@ def local_key():
             version = get_ptxas_version(90)
         except TypeError:  # older Triton: no arch argument
             version = get_ptxas_version()
-        key["ptxas"] = version.strip().splitlines()[-1] if isinstance(version, str) else str(version)
+        lines = version.strip().splitlines() if isinstance(version, str) else [str(version)]
+        key["ptxas"] = next((line for line in lines if "release" in line), lines[-1])
     except Exception as exc:  # no CUDA backend in this Triton
         key["ptxas"] = f"unknown ({type(exc).__name__})"
     try:
@@ -57,36 +59,52 @@ def _add_bytes(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
+def _entries(cache_dir):
+    """Cache entries (folder names), the library's kernels first and torch.compile's (named triton_*)
+    after them, so that a size limit drops the latter first."""
+    entries = [e for e in sorted(os.listdir(cache_dir)) if os.path.isdir(os.path.join(cache_dir, e))]
+
+    def compiled_by_inductor(entry):
+        return any(n.startswith("triton_") for n in os.listdir(os.path.join(cache_dir, entry)))
+
+    return sorted(entries, key=compiled_by_inductor)
+
+
 def pack(cache_dir, tar_path, max_bytes=None):
-    """Write tar_path from cache_dir; returns a one-line description. Over max_bytes: removed again."""
+    """Write tar_path from cache_dir; returns a one-line description. Entries that would take the file
+    past max_bytes (compressed) are left out, the library's kernels being packed first."""
     if not os.path.isdir(cache_dir):
         return f"no Triton cache at {cache_dir}: nothing packed"
-    entries = kernels = 0
-    with tarfile.open(tar_path + ".tmp", "w:gz") as tar:
-        _add_bytes(tar, MANIFEST, json.dumps(local_key(), indent=1).encode())
-        for entry in sorted(os.listdir(cache_dir)):
-            folder = os.path.join(cache_dir, entry)
-            if not os.path.isdir(folder):
-                continue
-            names = sorted(os.listdir(folder))
-            keep = {n for n in names if not n.endswith(DROPPED) and not n.startswith("__grp__") and
-                    not n.endswith(".tmp") and ".tmp." not in n}
-            groups = [n for n in names if n.startswith("__grp__")]
-            for grp in groups:
-                with open(os.path.join(folder, grp)) as f:
-                    children = json.load(f).get("child_paths", {})
-                kept = {c: os.path.basename(p) for c, p in children.items() if not c.endswith(DROPPED)}
-                _add_bytes(tar, f"{entry}/{grp}", json.dumps({"child_paths": kept}).encode())
-                kernels += 1
-            for name in sorted(keep):
-                tar.add(os.path.join(folder, name), arcname=f"{entry}/{name}")
-            entries += 1
-    size = os.path.getsize(tar_path + ".tmp")
-    if max_bytes is not None and size > max_bytes:
+    packed = kernels = left_out = 0
+    with open(tar_path + ".tmp", "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+            _add_bytes(tar, MANIFEST, json.dumps(local_key(), indent=1).encode())
+            for entry in _entries(cache_dir):
+                folder = os.path.join(cache_dir, entry)
+                names = sorted(os.listdir(folder))
+                files = [n for n in names if not n.endswith(DROPPED) and not n.startswith("__grp__")
+                         and not n.endswith(".tmp") and ".tmp." not in n]
+                size = sum(os.path.getsize(os.path.join(folder, n)) for n in files)
+                gz.flush()  # so that raw.tell() counts every compressed byte so far
+                if max_bytes is not None and raw.tell() + size // 2 > max_bytes:  # cubins compress about 2x
+                    left_out += 1
+                    continue
+                for grp in (n for n in names if n.startswith("__grp__")):
+                    with open(os.path.join(folder, grp)) as f:
+                        children = json.load(f).get("child_paths", {})
+                    kept = {c: os.path.basename(p) for c, p in children.items() if not c.endswith(DROPPED)}
+                    _add_bytes(tar, f"{entry}/{grp}", json.dumps({"child_paths": kept}).encode())
+                    kernels += 1
+                for name in files:
+                    tar.add(os.path.join(folder, name), arcname=f"{entry}/{name}")
+                packed += 1
+    if packed == 0:
         os.remove(tar_path + ".tmp")
-        return f"Triton cache of {kernels} kernels packs to {size} bytes, over {max_bytes}: not written"
+        return f"the Triton cache at {cache_dir} is empty: nothing packed"
     os.replace(tar_path + ".tmp", tar_path)
-    return f"packed {kernels} kernels ({entries} cache entries) into {tar_path}, {size} bytes"
+    size = os.path.getsize(tar_path)
+    note = f", {left_out} entries left out to stay under {max_bytes} bytes" if left_out else ""
+    return f"packed {kernels} kernels ({packed} cache entries) into {tar_path}, {size} bytes{note}"
 
 
 def mismatch(carried, here):

@@ -70,18 +70,27 @@ def test_packed_cache_is_hit_after_unpacking_elsewhere(tmp_path, monkeypatch):
 
 def test_a_cache_from_another_triton_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "entry").mkdir(parents=True)
+    (tmp_path / "cache" / "entry" / "k.cubin").write_bytes(b"cubin")
     tar = tmp_path / "cache.tar.gz"
-    triton_cache.pack(str(tmp_path / "cache"), str(tar))
+    assert "packed" in triton_cache.pack(str(tmp_path / "cache"), str(tar))
     key = triton_cache.local_key()
     monkeypatch.setattr(triton_cache, "local_key", lambda: {**key, "triton_key_sha256": "0" * 64})
     ok, text = triton_cache.unpack(str(tar), str(tmp_path / "target"))
     assert not ok and "triton_key_sha256" in text and not (tmp_path / "target").exists()
 
 
-def test_an_oversized_pack_is_not_written(tmp_path):
-    (tmp_path / "cache" / "entry").mkdir(parents=True)
-    (tmp_path / "cache" / "entry" / "k.cubin").write_bytes(os.urandom(4096))
+def test_a_size_limit_leaves_out_torch_compile_kernels_first(tmp_path):
+    for entry, name in (("aa", "triton_poi_fused_0"), ("bb", "_fwd_kernel"), ("cc", "_bwd_dq_kernel")):
+        folder = tmp_path / "cache" / entry
+        folder.mkdir(parents=True)
+        (folder / f"{name}.cubin").write_bytes(os.urandom(6000))  # random bytes: they do not compress
+        (folder / f"{name}.json").write_text("{}")
+        (folder / f"__grp__{name}.json").write_text(json.dumps({"child_paths": {
+            f"{name}.cubin": str(folder / f"{name}.cubin"), f"{name}.json": str(folder / f"{name}.json")}}))
     tar = tmp_path / "cache.tar.gz"
-    text = triton_cache.pack(str(tmp_path / "cache"), str(tar), max_bytes=1000)
-    assert "not written" in text and not tar.exists() and not os.path.exists(str(tar) + ".tmp")
+    text = triton_cache.pack(str(tmp_path / "cache"), str(tar), max_bytes=14000)
+    assert "1 entries left out" in text
+    with tarfile.open(tar) as t:
+        names = t.getnames()
+    assert "bb/_fwd_kernel.cubin" in names and not any(n.startswith("aa/") for n in names)
