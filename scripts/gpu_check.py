@@ -1,8 +1,8 @@
 """The one command for a GPU machine without network (see scripts/GPU_CHECK.md for the time plan).
 
 Steps, most valuable first, each under a time cap and all under one budget (default 285 s): machine
-info; install the project without the CUDA extension; build (or reuse) the extension in the
-background; unpack a carried Triton cache; the GPU tests (every kernel, then the engine once the
+info; build (or reuse) the CUDA extension in the background; install the project without it; unpack
+a carried Triton cache; the GPU tests (every kernel, then the engine once the
 extension is there); the six bench cases with the plain loop; the compiled-loop baselines; the
 micro-benchmarks; export the Triton cache and the built extension for the next run. A step still
 running at its cap gets SIGINT (pytest then writes its summary and junit xml), then SIGKILL.
@@ -56,20 +56,20 @@ def plan(work, cache, out):
     bench = [PY, "-m", "gradmem_fast", "bench", "--quick"]
     return [
         Step("info", 15, [PY, "scripts/gpu_check.py", "--info"], 4),
-        Step("install", 45, [PY, "-m", "pip", "install", "--use-pep517", "--no-build-isolation", "--no-deps",
-                             "--no-index", "-e", "."], 12, env={"GRADMEM_FAST_BUILD_CUDA": "0"}),
         Step("csrc", 150, [PY, "scripts/csrc_prebuilt.py", "install", "--prebuilt", csrc_tar,
                            "--done", os.path.join(work, "csrc.done")], 90, background=True,
-             env={"GRADMEM_FAST_BUILD_CUDA": "1", "MAX_JOBS": "8"}),
+             env={"GRADMEM_FAST_BUILD_CUDA": "1", "MAX_JOBS": "6"}),
+        Step("install", 45, [PY, "-m", "pip", "install", "--use-pep517", "--no-build-isolation", "--no-deps",
+                             "--no-index", "-e", "."], 12, env={"GRADMEM_FAST_BUILD_CUDA": "0"}),
         Step("triton-cache", 15, [PY, "scripts/triton_cache.py", "unpack", triton_tar], 3),
-        Step("tests", 140, [PY, "scripts/run_gpu_tests.py", "--out", tests, "--seconds", "{tests_deadline}",
-                            "--wait-file", os.path.join(work, "csrc.done"), "--wait-limit", "75"], 117),
+        Step("tests", 150, [PY, "scripts/run_gpu_tests.py", "--out", tests, "--seconds", "{tests_deadline}",
+                            "--wait-file", os.path.join(work, "csrc.done"), "--wait-limit", "75"], 127),
         Step("bench-plain", 75, bench + ["--no-compile", "--out-dir", os.path.join(work, "bench-plain"),
                                          "{gpu_tests}"], 60),
         Step("bench-compiled", 60, bench + ["--cases", LATENCY_CASES, "--compile", "--profile",
                                             "--out-dir", os.path.join(work, "bench-compiled")], 55),
         Step("micro", 35, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-max-time=0.05",
-                           f"--benchmark-json={os.path.join(work, 'micro.json')}", *MICRO], 20),
+                           f"--benchmark-json={os.path.join(work, 'micro.json')}", *MICRO], 15),
         Step("export", RESERVE_S, [PY, "scripts/gpu_check.py", "--export", work, out], 5),
     ]
 

@@ -14,7 +14,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_check  # noqa: E402
 
-ORDER = ["info", "install", "csrc", "triton-cache", "tests", "bench-plain", "bench-compiled", "micro", "export"]
+ORDER = ["info", "csrc", "install", "triton-cache", "tests", "bench-plain", "bench-compiled", "micro", "export"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
