@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = "python3"
 RESERVE_S = 14  # kept back for the export step and the last packing
 MIN_STEP_S = 5  # a step offered less than this is skipped
+EXPORT_MIN_S = 8  # the export runs even when less than this is left
 GRACE_S = 10  # from SIGINT to SIGKILL
 REPACK_S = 20  # logs.tar.gz is refreshed this often during a step
 MAX_OUT_FILES = 8
@@ -46,7 +47,8 @@ class Step:
     def __init__(self, name, cap_s, cmd, expect_s, background=False, env=None):
         self.name, self.cap_s, self.cmd, self.expect_s = name, cap_s, cmd, expect_s
         self.background, self.env = background, env or {}
-        self.status, self.rc, self.seconds, self.limit_s = "pending", None, None, None
+        self.status, self.rc, self.seconds, self.limit_s, self.proc = "pending", None, None, None, None
+        self.deadline = None
 
 
 def plan(work, cache, out):
@@ -155,8 +157,10 @@ class Check:
                  f"{_tail(os.path.join(self.work, step.name + '.log'))}")
 
     def run_step(self, step):
-        reserve = 0 if step.name == "export" else RESERVE_S
-        limit = min(step.cap_s, self.left() - reserve)
+        if step.name == "export":  # never skipped: an overrunning step may have eaten into the reserve
+            limit = min(step.cap_s, max(self.left(), EXPORT_MIN_S))
+        else:
+            limit = min(step.cap_s, self.left() - RESERVE_S)
         step.limit_s = round(limit, 1)
         if limit < MIN_STEP_S:
             step.status = "skipped"
@@ -165,6 +169,7 @@ class Check:
         self.log(f"== {step.name} (at most {limit:.0f}s, expected about {step.expect_s}s on an H200)")
         t0 = time.monotonic()
         proc = self.launch(step, limit)
+        step.proc, step.deadline = proc, t0 + limit
         if step.background:
             thread = threading.Thread(target=self.wait, args=(step, proc, limit, t0), daemon=True)
             thread.start()
@@ -178,9 +183,13 @@ class Check:
         for step in self.steps:
             if step.name == "export":
                 for bg, thread in self.background:
-                    thread.join(timeout=max(0.0, self.left() - RESERVE_S))
+                    # until its own cap has passed and SIGINT has had 2 s, within what the export leaves
+                    until_cap = bg.deadline + 2 - time.monotonic()
+                    thread.join(timeout=max(0.0, min(until_cap, self.left() - EXPORT_MIN_S)))
                     if thread.is_alive():
-                        self.log(f"{bg.name}: still running at the export, left behind")
+                        self.log(f"{bg.name}: still running at the export, stopped")
+                        _signal(bg.proc, signal.SIGKILL)
+                        thread.join(timeout=2)
             self.run_step(step)
             self.report()
         self.pack_logs()

@@ -97,3 +97,12 @@ def test_stub_durations_are_parsed():
     assert gpu_check.parse_stubs(["tests=3.5", "micro=0"]) == {"tests": 3.5, "micro": 0.0}
     with pytest.raises(SystemExit, match="NAME=SECONDS"):
         gpu_check.parse_stubs(["tests"])
+
+
+def test_the_background_build_is_stopped_at_its_cap_while_the_tests_go_on(tmp_path):
+    done, result, out = _dry_run(tmp_path, "--budget", "26", "--stub", "csrc=60", "--stub", "tests=3")
+    steps = {s["name"]: s for s in result["steps"]}
+    assert steps["csrc"]["status"] == "interrupted" and steps["csrc"]["seconds"] <= steps["csrc"]["limit_s"] + 1
+    assert steps["tests"]["status"] == "ok" and steps["export"]["status"] == "ok"
+    log = (out / "check.log").read_text()
+    assert log.index("== tests (") < log.index("csrc: cap of")  # the tests did not wait for the build
