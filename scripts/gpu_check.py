@@ -205,9 +205,12 @@ class Check:
         """logs.tar.gz: the scratch folder without the Triton cache and the carried caches."""
         with self.lock:
             target = os.path.join(self.out, "logs.tar.gz")
-            with tarfile.open(target + ".tmp", "w:gz") as tar:
-                tar.add(self.work, arcname="logs", filter=_skip_caches)
-            os.replace(target + ".tmp", target)
+            try:
+                with tarfile.open(target + ".tmp", "w:gz") as tar:
+                    tar.add(self.work, arcname="logs", filter=_skip_caches)
+                os.replace(target + ".tmp", target)
+            except OSError as exc:  # a file changed under the tar: keep the previous pack, retry later
+                print(f"packing the logs failed ({exc}); the previous logs.tar.gz stays", flush=True)
 
     def report(self):
         result = {"dry_run": self.dry_run, "budget_s": self.budget_s,

@@ -26,8 +26,8 @@ def test_more_real_rows_take_the_next_head_row_bucket():
 
 
 @pytest.mark.parametrize("B, T, real, limit, expected", [
-    (1, 37, 37, None, (64, 64)), (16, 1008, 16128, None, (1024, 16384)), (2, 100, 101, 128, (112, 128)), (2, 100, 200, 128, (112, 224)),
-    (3, 40, 95, None, (64, 128)),
+    (1, 37, 37, None, (64, 64)), (16, 1008, 16128, None, (1024, 16384)), (2, 100, 101, 128, (112, 128)),
+    (2, 100, 200, 128, (112, 224)), (3, 40, 95, None, (64, 128)),
 ])
 def test_graph_shape(B, T, real, limit, expected):
     assert graphs.graph_shape(B, T, M if limit is None else 16, real, limit) == expected
