@@ -77,8 +77,8 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     if return_losses:
         losses = torch.empty(B, steps, dtype=torch.float32, device=input_ids.device)
     if steps > 0:
-        # only rows that predict a real token reach the head: their count is read once, before any step
-        # (the mask's values were already read by the argument checks)
+        # only rows that predict a real token reach the head: their count is the one host read of a
+        # write, before any step (the argument checks already read the mask); the steps read nothing back
         real_rows = B * T if attention_mask is None else int(attention_mask.sum())
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
