@@ -55,7 +55,7 @@ def _use_graphs(device, use_graphs):
 
 
 def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
-               clip_norm, grad_mode, return_losses, op_backend=None, use_graphs=None):
+               clip_norm, grad_mode, return_losses, op_backend=None, use_graphs=None, second_order_steps=None):
     """K = steps GradMem steps without autograd (arguments already validated by gradmem_fast.write).
 
     memory (1 or B, m, d); input_ids (B, T); attention_mask (B, T) right padded; write_head (V, d) or
