@@ -117,22 +117,23 @@ def run_meta_case(case, device, *, warmup=1, repeats=3, seed=0):
 
 
 def recompute_evidence(model, m0, ids, *, steps, lr=META_LR):
-    """Bytes autograd keeps saved after the fast second-order forward (the memories M_0..M_{K-1}), and the
+    """Distinct bytes autograd keeps saved after the fast second-order forward (the memories M_0..M_{K-1}), and the
     autograd nodes and saved bytes of one recomputed step's graph (what the backward holds at a time), on
     whatever device the model is on. Saved parameters and M0 are references, not copies: they are left out."""
     from ..engine.recompute import memory_update, step_constants, step_loss_and_gradient
 
     parameter_storage = {p.untyped_storage().data_ptr() for p in [*model.parameters(), m0]}
-    saved = []
+    saved = {}  # storage address -> bytes: a tensor saved by several nodes is counted once
 
     def pack(t):
-        if t.untyped_storage().data_ptr() not in parameter_storage:
-            saved.append(t.numel() * t.element_size())
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameter_storage:
+            saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         memory = write(model, m0, ids, steps=steps, lr=lr, grad_mode="second", backend="fast")
-    forward_bytes = sum(saved)
+    forward_bytes = sum(saved.values())
     del memory
     saved.clear()
     consts = step_constants(ids, torch.ones_like(ids), m0.shape[-2], m0.dtype, lr, None, None, None, None)
@@ -148,4 +149,4 @@ def recompute_evidence(model, m0, ids, *, steps, lr=META_LR):
         nodes.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return {"forward_saved_bytes": forward_bytes, "recompute_step_nodes": len(nodes),
-            "recompute_step_saved_bytes": sum(saved)}
+            "recompute_step_saved_bytes": sum(saved.values())}

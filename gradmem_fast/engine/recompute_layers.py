@@ -4,10 +4,14 @@ layers.py rotates q/k in place on views of one projection output and writes dq/d
 buffer; autograd refuses in-place writes into views that `split` returns. These functions compute the
 same values with the same ops and formulas (engine.md, "A layer"), but every rotation acts on a copy
 and the q/k/v gradient is assembled by concatenation, so a step built from them can be differentiated.
+Attention runs as ops.attention_double_backward's ops: its forward and backward save only q, k, v (and do),
+not the (S x S) probabilities, and the backward's own derivative is the written-out double backward (the
+twin of a flash-style kernel); its backward recomputes o and lse instead of reading the forward's.
 Shapes: (B, S, d) streams, q (B, S, H, D), k and v (B, S, Hkv, D).
 """
 import torch
 
+from ..ops.attention_double_backward import attention_backward_op, attention_op
 from .layers import linear_input_grad, mlp_backward, mlp_forward, output_projection, qkv_project
 
 
@@ -30,15 +34,15 @@ def attention_block_forward(plan, i, a, addend=None):
     spec, ops, layer = plan.spec, plan.ops, plan.spec.layers[i]
     q, k, v, _ = qkv_project(spec, plan.qkv[i], a)
     q, k = _rotate(spec, ops, q, plan.rope), _rotate(spec, ops, k, plan.rope)
-    o, lse = ops.attention_forward(q, k, v, plan.full_lengths, spec.attn_scale)
-    return output_projection(o, layer.o, addend), (q, k, v, o, lse)
+    o = attention_op(q, k, v, plan.full_lengths, spec.attn_scale, validate=False)
+    return output_projection(o, layer.o, addend), (q, k, v, o.shape)
 
 
 def attention_block_backward(plan, i, g, saved):
     spec, ops, layer = plan.spec, plan.ops, plan.spec.layers[i]
-    q, k, v, o, lse = saved
-    do = linear_input_grad(g, layer.o).view(o.shape)
-    dq, dk, dv = ops.attention_backward(do, q, k, v, o, lse, plan.full_lengths, spec.attn_scale)
+    q, k, v, o_shape = saved
+    do = linear_input_grad(g, layer.o).view(o_shape)
+    dq, dk, dv = attention_backward_op(q, k, v, do, plan.full_lengths, spec.attn_scale, validate=False)
     dq = _rotate(spec, ops, dq, plan.rope, inverse=True)
     dk = _rotate(spec, ops, dk, plan.rope, inverse=True)
     return linear_input_grad(_qkv_gradient(spec, dq, dk, dv), plan.qkv[i])

@@ -197,6 +197,7 @@ def test_saved_memory_is_flat_in_steps():
     fast8, _ = _peak_saved_bytes(_fast, 8)
     ref2, _ = _peak_saved_bytes(gradmem_fast.reference.write, 2)
     ref8, _ = _peak_saved_bytes(gradmem_fast.reference.write, 8)
+    assert fast2 > 50 * memory_bytes  # the backward's recomputed step graph is counted too
     assert fast8 - fast2 <= 6 * memory_bytes
     one_step = (ref8 - ref2) / 6
     assert one_step > 50 * memory_bytes  # the reference keeps every step's activations: a real difference
