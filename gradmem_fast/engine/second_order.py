@@ -151,6 +151,9 @@ def meta_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
                       first_order_steps=first_order_steps, losses_differentiable=losses_differentiable,
                       real_rows=int(attention_mask.sum()), write_head=write_head, B=B)
     result, losses = MetaWrite.apply(setup, memory, *parameters)
+    if grad_mode == "first":  # as fast_write's first order: the result's graph is the identity to M0 alone
+        start = memory.expand(B, *memory.shape[1:])
+        result = start + (result - start).detach()
     if return_losses:
         return result, losses
     return result

@@ -202,3 +202,20 @@ def test_saved_memory_is_flat_in_steps():
     one_step = (ref8 - ref2) / 6
     assert one_step > 50 * memory_bytes  # the reference keeps every step's activations: a real difference
     assert fast2 < ref2 and fast8 < 0.5 * ref8
+
+
+def test_first_order_result_reaches_only_the_memory():
+    """Under "first" with differentiable losses, M_K's graph is the identity to M0, as in the reference."""
+    model = tiny_model("gpt2", dtype=torch.float32, seed=4)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    ids, mask, memory = random_batch(model, 2, 5, m=2, seed=5)
+    out, losses = fast_write(model, memory[None], ids, mask, steps=2, lr=0.3, grad_mode="first", return_losses=True,
+                             op_backend="reference", **fast_kwargs({}))
+    assert not out.requires_grad and losses.requires_grad
+    start = memory[None].clone().requires_grad_(True)
+    out = fast_write(model, start, ids, mask, steps=2, lr=0.3, grad_mode="first", return_losses=True,
+                     op_backend="reference", **fast_kwargs({}))[0]
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.allclose(start.grad, weights.sum(0, keepdim=True), rtol=0, atol=1e-6)
+    assert model.get_input_embeddings().weight.grad is None
