@@ -5,7 +5,7 @@ import torch
 from gradmem_fast.benchmark import meta_cases
 
 
-def test_meta_cases_are_the_issue_shapes():
+def test_meta_cases_have_the_specified_shapes():
     gpt2, kv = meta_cases.get_meta_case("meta-gpt2"), meta_cases.get_meta_case("meta-kv")
     assert (gpt2.config, gpt2.B, gpt2.T, gpt2.m, gpt2.K, gpt2.dtype, gpt2.answer) == ("gpt2-small", 8, 512, 8, 2,
                                                                                       "bf16", 16)
