@@ -130,8 +130,6 @@ def device_preference(model):
 def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
     """Why the fast engine cannot take this call: a list of strings, empty when it can."""
     reasons = []
-    if grad_mode == "second":
-        reasons.append("grad_mode='second' is not supported by the fast engine (the reference runs it)")
     for reason in (dropout_reason(model), attention_reason(model)):
         if reason is not None:
             reasons.append(reason)
@@ -143,7 +141,7 @@ def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=N
         return reasons + ["the fast engine is not built into this version"]
     reason = engine.fast_reason(model, memory, write_head=write_head, memory_proj=memory_proj,
                                 grad_mode=grad_mode, seq_len=seq_len)
-    if reason is not None and reason not in reasons and not (grad_mode == "second" and "second" in reason):
+    if reason is not None and reason not in reasons:
         reasons.append(reason)
     return reasons
 
@@ -169,8 +167,6 @@ def choose_write_backend(backend, model, memory, *, write_head, memory_proj, gra
         return choice.backend
     message = "; ".join(choice.blockers)
     if choice.requested == "fast":
-        if grad_mode == "second":
-            raise NotImplementedError(f"backend='fast' cannot run this write: {message}")
         raise BackendUnavailable(f"backend='fast' cannot run this write: {message}")
     if message not in _warned:
         _warned.add(message)

@@ -171,10 +171,23 @@ def check_options(steps, lr, clip_value, clip_norm, grad_mode, backend=None):
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def check_second_order_steps(second_order_steps, steps, grad_mode):
+    """None (every step second order) or j in 0..steps (the last j steps), only with grad_mode 'second'."""
+    if second_order_steps is None:
+        return
+    if grad_mode != "second":
+        raise ValueError(f"second_order_steps={second_order_steps!r} needs grad_mode='second', got {grad_mode!r}")
+    if isinstance(second_order_steps, bool) or not isinstance(second_order_steps, numbers.Integral):
+        raise ValueError(f"second_order_steps must be None or an int, got {second_order_steps!r}")
+    if not 0 <= second_order_steps <= steps:
+        raise ValueError(f"second_order_steps={second_order_steps!r} is outside 0..steps = 0..{steps}")
+
+
 def check_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
-                clip_norm, grad_mode, backend=None):
+                clip_norm, grad_mode, backend=None, second_order_steps=None):
     """Every check of a write call. Returns (memory (1 or B, m, d), mask (B, T), write-head weight or None)."""
     check_options(steps, lr, clip_value, clip_norm, grad_mode, backend)
+    check_second_order_steps(second_order_steps, steps, grad_mode)
     mask = check_ids_and_mask(model, input_ids, attention_mask, memory_rows(memory))
     memory = check_memory(model, memory, input_ids.shape[0])
     head = check_write_head(model, write_head)

@@ -16,17 +16,23 @@ def small():
     return model, ids, mask, memory
 
 
-def test_auto_falls_back_with_reason_for_second_order(small, monkeypatch):
-    model, ids, mask, memory = small
+def _sliding(T=10):
+    model = tiny_model("mistral", dtype=torch.float32, sliding_window=8)
+    ids, mask, memory = random_batch(model, 1, T, m=2)
+    return model, ids, mask, memory
+
+
+def test_second_order_falls_back_where_the_engine_cannot_run(monkeypatch):
+    model, ids, mask, memory = _sliding()
     monkeypatch.setattr(dispatch, "_warned", set())
-    with pytest.warns(UserWarning, match="falls back to the reference backend: .*second"):
+    with pytest.warns(UserWarning, match="falls back to the reference backend: .*exceeds the model's limit 8"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
     expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
     assert torch.equal(out, expected)
 
 
-def test_fallback_warns_once_per_reason(small, monkeypatch):
-    model, ids, mask, memory = small
+def test_fallback_warns_once_per_reason(monkeypatch):
+    model, ids, mask, memory = _sliding()
     monkeypatch.setattr(dispatch, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -35,10 +41,25 @@ def test_fallback_warns_once_per_reason(small, monkeypatch):
     assert sum("falls back" in str(w.message) for w in caught) == 1
 
 
-def test_explicit_fast_raises_for_second_order(small):
-    model, ids, mask, memory = small
-    with pytest.raises((NotImplementedError, gradmem_fast.BackendUnavailable), match="second"):
+def test_explicit_fast_raises_for_second_order_it_cannot_run():
+    model, ids, mask, memory = _sliding()
+    with pytest.raises(gradmem_fast.BackendUnavailable, match="sliding window"):
         gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="fast")
+
+
+def test_auto_takes_fast_engine_for_second_order(small, monkeypatch):
+    from gradmem_fast.engine import fast_write
+
+    model, ids, mask, memory = small
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's ops use their PyTorch twins here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.3, grad_mode="second",
+                                 second_order_steps=1)
+    expected = fast_write(model, memory.unsqueeze(0), ids, mask, steps=2, lr=0.3, write_head=None,
+                          memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
+                          return_losses=False)
+    assert torch.equal(out, expected)
 
 
 def test_environment_forces_backend(small, monkeypatch):
