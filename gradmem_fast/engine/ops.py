@@ -40,6 +40,14 @@ class Ops:
         return memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, lengths, scale, out=out,
                                          **self._kw())
 
+    def qk_norm_forward(self, x, weight, eps, out=None):
+        from ..ops.qk_norm import qk_norm_forward
+        return qk_norm_forward(x, weight, eps, out=out, **self._kw())
+
+    def qk_norm_backward(self, dy, x, weight, rstd, out=None):
+        from ..ops.qk_norm import qk_norm_backward
+        return qk_norm_backward(dy, x, weight, rstd, out=out, **self._kw())
+
     def rotary_tables(self, rotary, positions):
         from ..ops.rotary import rotary_tables
         return rotary_tables(rotary.inv_freq, positions, rotary.attention_scaling, **self._kw())

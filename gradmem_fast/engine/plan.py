@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .layers import Layer0Context, down_linears, layer0_context, qkv_linears
+from .layers import Layer0Context, layer0_context
+from .sublayers import down_linears, qk_norm_parts, qkv_linears
 
 
 @dataclass
@@ -59,8 +60,9 @@ class Plan:
     sample_weights: torch.Tensor  # (B, T) view of row_weights
     pos_mem: Optional[torch.Tensor]  # (m, d) learned positions of the memory rows, or None
     rope: Optional[Rope]
-    qkv: tuple  # per layer, the q/k/v projection as one Linear (layers.qkv_linears)
-    down: tuple  # per layer, the MLP down projection as the engine runs it (layers.down_linears)
+    qkv: tuple  # per layer, the q/k/v projection as one Linear (sublayers.qkv_linears)
+    down: tuple  # per layer, the MLP down projection as the engine runs it (sublayers.down_linears)
+    qk_norm: tuple  # per layer, the q/k RMS norm's launches (sublayers.qk_norm_parts), or None
     layer0: Layer0Context
     head: HeadRows
 
@@ -144,9 +146,9 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     proj_weight = proj_bias = None
     if memory_proj is not None:
         proj_weight, proj_bias = memory_proj.weight, memory_proj.bias
-    qkv, down = qkv_linears(spec), down_linears(spec)
-    layer0 = layer0_context(spec, ops, qkv[0], down[0], x_ctx, ctx_lengths, ctx_tables, m)
+    qkv, down, qk_norm = qkv_linears(spec), down_linears(spec), qk_norm_parts(spec)
+    layer0 = layer0_context(spec, ops, qkv[0], down[0], qk_norm[0], x_ctx, ctx_lengths, ctx_tables, m)
     return Plan(spec=spec, ops=ops, B=B, T=T, m=m, dtype=dtype, memory_dtype=memory_dtype,
                 proj_weight=proj_weight, proj_bias=proj_bias, ctx_lengths=ctx_lengths, full_lengths=full_lengths,
                 targets=targets, row_weights=row_weights, sample_weights=sample_weights, pos_mem=pos_mem,
-                rope=rope, qkv=qkv, down=down, layer0=layer0, head=head_rows(real, targets, row_weights, head, B, T, m, R))
+                rope=rope, qkv=qkv, down=down, qk_norm=qk_norm, layer0=layer0, head=head_rows(real, targets, row_weights, head, B, T, m, R))

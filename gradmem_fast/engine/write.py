@@ -29,8 +29,6 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
         return str(exc)
     if spec.embedding.dtype not in MODEL_DTYPES:
         return f"model dtype {spec.embedding.dtype} is not one of float32, float16, bfloat16"
-    if write_head is None and spec.lm_head.bias is not None:
-        return "the model's LM head has a bias, which the fused head loss does not take"
     if isinstance(memory, torch.Tensor) and memory.dtype not in MODEL_DTYPES + (torch.float64,):
         return f"memory dtype {memory.dtype} is not supported"
     if seq_len is not None and spec.max_positions is not None and seq_len > spec.max_positions:

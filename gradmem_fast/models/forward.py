@@ -6,24 +6,38 @@ float64 for float64 inputs) and are cast back to the input dtype.
 import torch
 import torch.nn.functional as F
 
+from ..ops.dtypes import acc_dtype as _acc
 from .qkv import qkv_project
 from .spec import Linear, ModelSpec, Norm, Rotary
-
-
-def _acc(dtype):
-    return torch.promote_types(dtype, torch.float32)
 
 
 def linear(x, lin: Linear):
     return F.linear(x, lin.weight, lin.bias)
 
 
+def rms_norm(n: Norm, x):
+    xf = x.to(_acc(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
+    return n.weight * y.to(x.dtype)
+
+
 def norm(spec: ModelSpec, n: Norm, x):
+    """n(x) over the last dim; x itself when n is None (a block without that norm)."""
+    if n is None:
+        return x
     if spec.norm_kind == "rms":
-        xf = x.to(_acc(x.dtype))
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
-        return n.weight * y.to(x.dtype)
+        return rms_norm(n, x)
     return F.layer_norm(x, (x.shape[-1],), n.weight, n.bias, n.eps)
+
+
+def qk_norm(spec: ModelSpec, layer, q, k):
+    """q (B, S, H, hd), k (B, S, Hkv, hd) after their RMS norms (ModelSpec.qk_norm), before rotary."""
+    if spec.qk_norm is None:
+        return q, k
+    if spec.qk_norm == "head":
+        return rms_norm(layer.q_norm, q), rms_norm(layer.k_norm, k)
+    return (rms_norm(layer.q_norm, q.flatten(-2)).view(q.shape),
+            rms_norm(layer.k_norm, k.flatten(-2)).view(k.shape))
 
 
 def rotary_cos_sin(rotary: Rotary, seq_len: int, dtype, device):
@@ -114,12 +128,13 @@ def forward_hidden(spec: ModelSpec, inputs_embeds: torch.Tensor, lengths=None, *
         cos, sin = rotary_cos_sin(spec.rotary, S, h.dtype, h.device)
     for layer in spec.layers:
         q, k, v = qkv_project(spec, layer, norm(spec, layer.attn_norm, h), validate=False)
+        q, k = qk_norm(spec, layer, q, k)
         if spec.rotary is not None:
             q, k = apply_rotary(spec.rotary, q, cos, sin), apply_rotary(spec.rotary, k, cos, sin)
         a = linear(attention(q, k, v, spec.attn_scale, key_valid), layer.o)
         if spec.parallel_residual:
             h = mlp(spec, layer, norm(spec, layer.mlp_norm, h)) + a + h
         else:
-            h = h + a
-            h = h + mlp(spec, layer, norm(spec, layer.mlp_norm, h))
+            h = h + norm(spec, layer.post_attn_norm, a)
+            h = h + norm(spec, layer.post_mlp_norm, mlp(spec, layer, norm(spec, layer.mlp_norm, h)))
     return norm(spec, spec.final_norm, h)

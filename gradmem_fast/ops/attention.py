@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .._triton import triton_reason
+from .dtypes import acc_dtype
 
 BACKENDS = ("auto", "kernel", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,10 +39,6 @@ class ContextState(NamedTuple):
 
 
 # ---------------------------------------------------------------- pure-PyTorch twins
-
-
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _expand_kv(x, group):
@@ -68,7 +65,7 @@ def _causal_mask(lengths, S, device):
 
 def attention_forward_reference(q, k, v, lengths, scale):
     """o (B, S, Hq, D) in q's dtype and lse (B, Hq, S) float32; see the module docstring."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q.dtype)
     group = q.shape[2] // k.shape[2]
     S = q.shape[1]
     qh = _heads_first(q, acc)
@@ -102,7 +99,7 @@ def _attention_grads(do, q, k, v, o, lse, mask, scale, acc):
 
 def attention_backward_reference(do, q, k, v, o, lse, lengths, scale):
     """dq (B, S, Hq, D), dk and dv (B, S, Hkv, D) summed over each group, in q's dtype."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q.dtype)
     group = q.shape[2] // k.shape[2]
     mask = _causal_mask(lengths, q.shape[1], q.device)
     dq, dk, dv = _attention_grads(do, q, k, v, o, lse, mask, scale, acc)
@@ -112,7 +109,7 @@ def attention_backward_reference(do, q, k, v, o, lse, lengths, scale):
 
 def context_attention_state_reference(q_ctx, k_ctx, v_ctx, ctx_lengths, scale):
     """ContextState of the context rows over context keys; see ContextState."""
-    acc = _acc_dtype(q_ctx)
+    acc = acc_dtype(q_ctx.dtype)
     group = q_ctx.shape[2] // k_ctx.shape[2]
     T = q_ctx.shape[1]
     mask = _causal_mask(ctx_lengths, T, q_ctx.device)
@@ -137,7 +134,7 @@ def _memory_row_lengths(q_mem):
 
 def memory_attention_forward_reference(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, scale):
     """o (B, m+T, Hq, D) in q's dtype and lse (B, Hq, m+T) float32 for [memory; context] rows."""
-    acc = _acc_dtype(q_mem)
+    acc = acc_dtype(q_mem.dtype)
     group = q_mem.shape[2] // k_mem.shape[2]
     T = q_ctx.shape[1]
     o_mem, lse_mem = attention_forward_reference(q_mem, k_mem, v_mem, _memory_row_lengths(q_mem), scale)
@@ -159,7 +156,7 @@ def memory_attention_forward_reference(q_mem, k_mem, v_mem, q_ctx, state, ctx_le
 
 def memory_attention_backward_reference(do, q_mem, k_mem, v_mem, q_ctx, o, lse, ctx_lengths, scale):
     """dq_mem (B, m, Hq, D), dk_mem and dv_mem (B, m, Hkv, D) in q's dtype, from all m+T rows."""
-    acc = _acc_dtype(q_mem)
+    acc = acc_dtype(q_mem.dtype)
     group = q_mem.shape[2] // k_mem.shape[2]
     B, m = q_mem.shape[0], q_mem.shape[1]
     T = q_ctx.shape[1]

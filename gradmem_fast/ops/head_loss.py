@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from .._triton import interpreter_on, triton_reason
+from .dtypes import acc_dtype
 
 BACKENDS = ("auto", "kernel", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,13 +27,9 @@ DTYPES = KERNEL_DTYPES + (torch.float64,)
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _outputs(hidden, loss_out, grad_out):
     N = hidden.shape[0]
-    loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss_dtype = acc_dtype(hidden.dtype)
     loss = loss_out if loss_out is not None else torch.empty(N, dtype=loss_dtype, device=hidden.device)
     grad = grad_out if grad_out is not None else torch.empty_like(hidden, memory_format=torch.contiguous_format)
     return loss, grad
@@ -42,7 +39,7 @@ def fused_head_loss_reference(hidden, weight, targets, row_weights, *, loss_out=
     """Pure PyTorch twin of `fused_head_loss`: fp32 arithmetic (float64 for float64 inputs, whose loss
     is then float64 too), logits built a bounded chunk of rows at a time. Arguments and results as in
     `fused_head_loss`."""
-    ct = _compute_dtype(hidden.dtype)
+    ct = acc_dtype(hidden.dtype)
     loss, grad = _outputs(hidden, loss_out, grad_out)
     N, V = hidden.shape[0], weight.shape[0]
     w_full = weight.to(ct)
@@ -109,7 +106,7 @@ def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
     if loss_out is not None:
-        loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        loss_dtype = acc_dtype(hidden.dtype)
         if loss_out.shape != (N,) or loss_out.dtype != loss_dtype or loss_out.device != hidden.device \
                 or not loss_out.is_contiguous():
             raise ValueError(f"loss_out must be a contiguous ({N},) {loss_dtype} tensor on {hidden.device}, got "

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from engine_cases import WIDE
 from gradmem_fast.benchmark.cases import get_case
-from gradmem_fast.engine import layers
-from gradmem_fast.engine.launches import LaunchCounter, count_case, count_write, launch_kind
+from gradmem_fast.engine import sublayers
+from gradmem_fast.benchmark.launch_counts import count_case
+from gradmem_fast.engine.launches import LaunchCounter, count_write, launch_kind
 from gradmem_fast.engine.ops import ops_for
 from gradmem_fast.models import describe
 from helpers import random_batch, tiny_model
@@ -105,7 +106,7 @@ def test_an_extra_op_breaks_the_budget(emulated_csrc, monkeypatch):
     case = get_case("kv-latency")
     _, step = count_case(case)
     assert not over_budget(step, "llama", 1)
-    monkeypatch.setattr(layers, "linear", lambda x, lin: F.linear(x, lin.weight, lin.bias).clone())
+    monkeypatch.setattr(sublayers, "linear", lambda x, lin: F.linear(x, lin.weight, lin.bias).clone())
     _, slower = count_case(case)
     assert slower.total() > step.total()
     errors = over_budget(slower, "llama", 1)
