@@ -167,7 +167,7 @@ def count_write(spec, ops, input_ids, attention_mask, memory, *, write_head=None
         lr = torch.full((), 0.5, dtype=torch.float32, device=memory.device)
         step_loss = torch.empty(B, dtype=torch.float32, device=memory.device)
         for _ in range(steps):
-            step_counter = LaunchCounter(spec.layers)
+            step_counter = LaunchCounter(plan.spec.layers)  # the plan's (norm offsets folded, plan.py)
             with step_counter:
                 write_step(plan, memory, lr, step_loss, clip_value, clip_norm)
     return plan_counter, step_counter

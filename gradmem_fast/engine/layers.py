@@ -131,7 +131,7 @@ def layer0_context(spec, ops, qkv_lin, down_lin, qk_norm, x_ctx, ctx_lengths, ct
 def _layer0_attention(plan, a_mem):
     """Memory rows' attention input (B, m, d) -> (o (B, S, H, D), AttnSaved): every row attends to the memory."""
     spec, ops, ctx = plan.spec, plan.ops, plan.layer0
-    tables = (plan.rope.cos_mem, plan.rope.sin_mem) if plan.rope is not None else None
+    tables = None if plan.ropes[0] is None else plan.ropes[0].mem
     qkv = qkv_forward(spec, ops, plan.qkv[0], plan.qk_norm[0], a_mem, tables)
     o, lse = ops.memory_attention_forward(qkv.q, qkv.k, qkv.v, ctx.q_ctx, ctx.state, plan.ctx_lengths,
                                           spec.attn_scale)
@@ -146,7 +146,7 @@ def _layer0_attention_backward(plan, g_attn, saved):
     dy, out, dqk = qkv_grad_buffers(spec, plan.qkv[0], qkv)
     ops.memory_attention_backward(do, qkv.q, qkv.k, qkv.v, ctx.q_ctx, o, saved.lse, plan.ctx_lengths,
                                   spec.attn_scale, out=out)
-    tables = (plan.rope.cos_mem, plan.rope.sin_mem) if plan.rope is not None else None
+    tables = None if plan.ropes[0] is None else plan.ropes[0].mem
     return qkv_backward(spec, ops, plan.qkv[0], plan.qk_norm[0], qkv, dy, dqk, tables)
 
 

@@ -62,14 +62,20 @@ class Ops:
         if activation == "swiglu":
             gate, up = pre
             return act.swiglu_forward(gate, up, **self._kw())
+        if activation == "geglu_tanh":
+            from ..ops.geglu import geglu_forward
+            return geglu_forward(*pre, **self._kw())
         return act.gelu_forward(pre, _APPROXIMATE[activation], **self._kw())
 
     def activation_backward(self, activation, dy, pre):
-        """Gradient w.r.t. the pre-activation(s): (d_gate, d_up) for SwiGLU, else one tensor."""
+        """Gradient w.r.t. the pre-activation(s): (d_gate, d_up) for the gated ones, else one tensor."""
         from ..ops import activation as act
         if activation == "swiglu":
             gate, up = pre
             return act.swiglu_backward(dy, gate, up, **self._kw())
+        if activation == "geglu_tanh":
+            from ..ops.geglu import geglu_backward
+            return geglu_backward(dy, *pre, **self._kw())
         return act.gelu_backward(dy, pre, _APPROXIMATE[activation], **self._kw())
 
     def head_loss(self, hidden, weight, targets, row_weights, loss_out, grad_out):

@@ -9,7 +9,7 @@ import torch
 
 from ..models.forward import linear
 from ..models.qkv import split_qkv
-from ..models.spec import Linear
+from ..models.spec import GATED, Linear
 
 
 def linear_input_grad(dy, lin):
@@ -74,8 +74,8 @@ def qk_norm_parts(spec):
         elif spec.qk_norm == "full" and H == Hkv and qn.eps == kn.eps:
             out.append((QKNormPart(0, 2 * H, torch.stack((qn.weight, kn.weight)), qn.eps),))
         else:
-            q_w, k_w = (qn.weight.expand(H, D), kn.weight.expand(Hkv, D)) if spec.qk_norm == "head" else \
-                (qn.weight[None], kn.weight[None])
+            q_w, k_w = (qn.weight.expand(H, D).contiguous(), kn.weight.expand(Hkv, D).contiguous()) \
+                if spec.qk_norm == "head" else (qn.weight[None], kn.weight[None])
             out.append((QKNormPart(0, H, q_w, qn.eps), QKNormPart(H, H + Hkv, k_w, kn.eps)))
     return tuple(out)
 
@@ -106,7 +106,7 @@ class QKV(NamedTuple):
 
 def qkv_forward(spec, ops, lin, norm_parts, x, tables):
     """x (B, S, d) -> QKV. lin: the layer's fused projection (qkv_linears); norm_parts: its q/k norm launches
-    (qk_norm_parts) or None; tables: (cos, sin) for these rows' positions, or None without rotary."""
+    (qk_norm_parts) or None; tables: (cos, sin, rotary) for these rows' positions (plan.Rope), or None."""
     q, k, v, qk = split_qkv(spec, linear(x, lin))
     saved = None
     if norm_parts is not None:
@@ -116,8 +116,8 @@ def qkv_forward(spec, ops, lin, norm_parts, x, tables):
         saved = QKSaved(qk, rstd)
         qk = normed
         q, k = qk[..., :spec.num_heads, :], qk[..., spec.num_heads:, :]
-    if spec.rotary is not None:  # in place, one launch on q and k together
-        ops.apply_rotary_(qk, *tables, spec.rotary)
+    if tables is not None:  # in place, one launch on q and k together
+        ops.apply_rotary_(qk, *tables)
     return QKV(q, k, v, saved)
 
 
@@ -138,8 +138,8 @@ def qkv_grad_buffers(spec, lin, qkv):
 def qkv_backward(spec, ops, lin, norm_parts, qkv, dy, dqk, tables):
     """Gradient of the layer's normed input (B, S, d) from dy and dqk of qkv_grad_buffers, filled by the
     attention backward: inverse rotary on dqk in place, the q/k norm's backward into dy, then dy W."""
-    if spec.rotary is not None:
-        ops.apply_rotary_(dqk, *tables, spec.rotary, inverse=True)
+    if tables is not None:
+        ops.apply_rotary_(dqk, *tables, inverse=True)
     if qkv.norm is not None:
         dy_qk = split_qkv(spec, dy)[3]
         for p, rstd in zip(norm_parts, qkv.norm.rstd):
@@ -170,8 +170,8 @@ def output_projection(o, lin, addend=None, in_place=False):
 def attention_forward(plan, i, a, addend=None):
     """Layer i >= 1, attention over all S rows. a (B, S, d) its input -> (out (B, S, d), AttnSaved).
     addend: the (B, S, d) MLP output of a parallel-residual layer, accumulated into in place."""
-    spec, ops, rope = plan.spec, plan.ops, plan.rope
-    tables = (rope.cos_all, rope.sin_all) if rope is not None else None
+    spec, ops, rope = plan.spec, plan.ops, plan.ropes[i]
+    tables = None if rope is None else rope.all
     qkv = qkv_forward(spec, ops, plan.qkv[i], plan.qk_norm[i], a, tables)
     o, lse = ops.attention_forward(qkv.q, qkv.k, qkv.v, plan.full_lengths, spec.attn_scale)
     return output_projection(o, spec.layers[i].o, addend, in_place=True), AttnSaved(qkv, o, lse)
@@ -179,12 +179,12 @@ def attention_forward(plan, i, a, addend=None):
 
 def attention_backward(plan, i, g, saved):
     """g (B, S, d) gradient of the attention output -> gradient of its input (B, S, d)."""
-    spec, ops, rope = plan.spec, plan.ops, plan.rope
+    spec, ops, rope = plan.spec, plan.ops, plan.ropes[i]
     qkv, o = saved.qkv, saved.o
     do = linear_input_grad(g, spec.layers[i].o).view(o.shape)
     dy, out, dqk = qkv_grad_buffers(spec, plan.qkv[i], qkv)
     ops.attention_backward(do, qkv.q, qkv.k, qkv.v, o, saved.lse, plan.full_lengths, spec.attn_scale, out=out)
-    tables = (rope.cos_all, rope.sin_all) if rope is not None else None
+    tables = None if rope is None else rope.all
     return qkv_backward(spec, ops, plan.qkv[i], plan.qk_norm[i], qkv, dy, dqk, tables)
 
 
@@ -194,7 +194,7 @@ def attention_backward(plan, i, g, saved):
 def mlp_forward(spec, ops, layer, b, down=None, out=None):
     """b (B, S, d) normed input -> (out (B, S, d), saved pre-activations). down: the down projection
     (default layer.down; see down_linears); out: a contiguous buffer of B*S*d elements it writes into."""
-    if spec.activation == "swiglu":
+    if spec.activation in GATED:
         pre = (linear(b, layer.gate), linear(b, layer.up))
     else:
         pre = linear(b, layer.up)
@@ -214,7 +214,7 @@ def mlp_backward(spec, ops, layer, g, pre):
     """g (B, S, d) gradient of the MLP output -> gradient of its normed input (B, S, d)."""
     d_act = linear_input_grad(g, layer.down)
     d_pre = ops.activation_backward(spec.activation, d_act, pre)
-    if spec.activation == "swiglu":
+    if spec.activation in GATED:
         d_gate, d_up = d_pre
         return torch.addmm(linear_input_grad(d_up, layer.up).flatten(0, -2), d_gate.flatten(0, -2),
                            layer.gate.weight).view(g.shape)

@@ -3,15 +3,14 @@ import os
 
 import torch
 
+from ..backends import resolve_op_backend
 from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
 from .specs import spec_of
 from .step import write_step
 
-ENV_OP_BACKEND = "GRADMEM_FAST_OP_BACKEND"
 ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
-OP_BACKENDS = ("auto", "kernel", "reference")
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -38,10 +37,7 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
 
 
 def _op_backend(op_backend):
-    backend = op_backend or os.environ.get(ENV_OP_BACKEND) or "auto"
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"op_backend {backend!r} is not one of {OP_BACKENDS}")
-    return backend
+    return resolve_op_backend(op_backend or None)
 
 
 def _use_graphs(device, use_graphs):

@@ -24,6 +24,7 @@ class Norm:
     weight: torch.Tensor  # (d,)
     bias: Optional[torch.Tensor]  # (d,) for LayerNorm with bias, else None
     eps: float
+    offset: float = 0.0  # the norm scales by (offset + weight): 1.0 for Gemma's RMSNorm, else 0.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Layer:
     qkv: Optional[Linear]
     o: Linear
     mlp_norm: Optional[Norm]  # before the MLP; None in a post-norm block
-    gate: Optional[Linear]  # gated MLP (SwiGLU, GeGLU) only
+    gate: Optional[Linear]  # gated MLP (GATED activations) only
     up: Linear
     down: Linear
     post_attn_norm: Optional[Norm] = None  # on the attention output, before the residual add
@@ -59,6 +60,7 @@ class Layer:
     # (Hkv * head_dim,) over the whole projection
     q_norm: Optional[Norm] = None
     k_norm: Optional[Norm] = None
+    rotary: Optional[Rotary] = None  # this layer's own rotary (Gemma 3's local layers); None: ModelSpec.rotary
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class ModelSpec:
     head_dim: int
     vocab_size: int
     norm_kind: str  # "rms" or "layer"
-    activation: str  # "swiglu", "gelu_tanh" or "gelu"
+    activation: str  # "swiglu", "geglu_tanh" (gated, Gemma), "gelu_tanh" or "gelu"
     qkv_layout: str  # "separate", "concat" (q|k|v blocks, GPT-2) or "per_head" ([h, 3, hd], NeoX)
     parallel_residual: bool  # GPT-NeoX use_parallel_residual
     attn_scale: float  # softmax scale, usually head_dim ** -0.5
@@ -88,6 +90,9 @@ class ModelSpec:
     # RMS norm of q and k before rotary: "head" over each head's head_dim dims (Qwen3, Gemma 3), "full"
     # over the whole q (H * head_dim) and k (Hkv * head_dim) projection (OLMo 2), None: no q/k norm
     qk_norm: Optional[str] = None
+    # multiplies the token embeddings (Gemma: sqrt(d), rounded to the model dtype); None: no scaling. The
+    # memory rows are not scaled (they enter after the embedding).
+    embedding_scale: Optional[float] = None
 
     @property
     def block(self) -> str:
@@ -130,6 +135,8 @@ def linear_of(module) -> Linear:
 # rope types whose frequencies are fixed at construction (the forward only reads inv_freq and
 # attention_scaling); "dynamic" and "longrope" recompute them from the sequence length
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+GATED = ("swiglu", "geglu_tanh")  # act(gate(x)) * up(x)
 
 ACTIVATIONS = {
     "silu": "silu",

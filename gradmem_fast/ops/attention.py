@@ -12,17 +12,16 @@ context-over-context part of their attention is computed once per write
 (`memory_attention_forward`); the backward returns only what the memory needs. See attention.md.
 """
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
 
 from .._triton import triton_reason
+from ..backends import OP_BACKENDS, check_op_backend, on_host, use_kernel
 from .dtypes import acc_dtype
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = OP_BACKENDS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_warned = set()
 
 
 class ContextState(NamedTuple):
@@ -229,8 +228,7 @@ def _check_like(name, t, shape, dtype, device):
 
 
 def _check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_op_backend(backend)
 
 
 def kernel_reason(*tensors):
@@ -250,20 +248,10 @@ def kernel_reason(*tensors):
 
 
 def _use_kernel(backend, op, *tensors):
-    _check_backend(backend)
-    if backend == "reference":
-        return False
     why = kernel_reason(*tensors)
-    if why is None:
-        return True
-    if backend == "kernel":
-        raise RuntimeError(f"{op}: the Triton kernel cannot run: {why}")
-    if tensors[0].device.type != "cpu" or why.startswith("dtype") or why.startswith("head"):
-        message = f"{op} falls back to the PyTorch reference: {why}"
-        if message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, stacklevel=3)
-    return False
+    if why is not None and why == triton_reason(*tensors):
+        why = on_host(why)  # tensors where Triton does not run (CPU without the interpreter): the twin
+    return use_kernel(backend, op, why, "Triton kernel")
 
 
 def _fill(outs, results):

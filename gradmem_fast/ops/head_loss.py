@@ -12,14 +12,14 @@ so grad_hidden is the gradient of sum_i w_i * loss_i with respect to hidden. The
 gradient. Rows with w_i == 0 give loss 0 and gradient 0 whatever their hidden values and targets
 (their targets need not be in [0, V)). See head_loss.md for the derivation and the kernels.
 """
-import warnings
 
 import torch
 
 from .._triton import interpreter_on, triton_reason
+from ..backends import OP_BACKENDS, check_op_backend, on_host, use_kernel
 from .dtypes import acc_dtype
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = OP_BACKENDS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the twin also takes float64 (then it computes in float64)
 DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -82,8 +82,7 @@ def kernel_reason(hidden, weight, targets, row_weights):
 
 
 def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    check_op_backend(backend)
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("row_weights", row_weights)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -126,9 +125,6 @@ def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
                              f"on a row with nonzero weight")
 
 
-_warned = set()
-
-
 def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad_out=None, backend="auto",
                     validate=True):
     """Per-row cross-entropy of the head `weight` on `hidden`, and its gradient with respect to hidden.
@@ -150,20 +146,15 @@ def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad
     """
     if validate:
         _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend)
-    if backend != "reference":
-        reason = kernel_reason(hidden, weight, targets, row_weights)
-        if reason is None:
-            from ..kernels.head_loss import head_loss
+    reason = None if backend == "reference" else kernel_reason(hidden, weight, targets, row_weights)
+    if reason is not None and hidden.device.type != "cuda":
+        reason = on_host(reason)  # CPU tensors take the twin by design
+    if use_kernel(backend, "fused_head_loss", reason, "Triton kernels"):
+        from ..kernels.head_loss import head_loss
 
-            loss, grad = _outputs(hidden, loss_out, grad_out)
-            head_loss(hidden, weight, targets, row_weights, loss, grad)
-            return loss, grad
-        if backend == "kernel":
-            raise RuntimeError(f"fused_head_loss backend='kernel' cannot run: {reason}")
-        if hidden.device.type == "cuda" and reason not in _warned:  # CPU takes the twin by design
-            _warned.add(reason)
-            warnings.warn(f"fused_head_loss: the Triton kernels cannot run ({reason}); using the PyTorch twin",
-                          stacklevel=2)
+        loss, grad = _outputs(hidden, loss_out, grad_out)
+        head_loss(hidden, weight, targets, row_weights, loss, grad)
+        return loss, grad
     return fused_head_loss_reference(hidden, weight, targets, row_weights, loss_out=loss_out, grad_out=grad_out)
 
 
