@@ -14,6 +14,9 @@ from typing import NamedTuple, Optional
 
 OP_BACKENDS = ("auto", "kernel", "reference")
 ENV_OP_BACKEND = "GRADMEM_FAST_OP_BACKEND"
+# gradmem_fast.write(backend=...): the fast engine or the reference, with the same three-way policy
+WRITE_BACKENDS = ("auto", "fast", "reference")
+ENV_WRITE_BACKEND = "GRADMEM_FAST_BACKEND"
 
 
 class Reason(NamedTuple):
@@ -51,6 +54,15 @@ def resolve_op_backend(backend=None):
 _warned = set()
 
 
+def warn_once(key, message, stacklevel=2):
+    """warnings.warn(message) the first time `key` is seen in this process; stacklevel as for warnings.warn,
+    counted from the caller of warn_once."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 def use_kernel(backend, op: str, why, kernel: str = "kernel") -> bool:
     """Whether `op` runs its kernel. why: None when the kernel can take the call, else its Reason (a string
     counts as a Reason that warns). kernel names the implementation in messages ("Triton kernel", ...)."""
@@ -62,7 +74,7 @@ def use_kernel(backend, op: str, why, kernel: str = "kernel") -> bool:
         return True
     if backend == "kernel":
         raise RuntimeError(f"{op}: the {kernel} cannot run: {reason.text}")
-    if not reason.by_design and (op, reason.text) not in _warned:
-        _warned.add((op, reason.text))
-        warnings.warn(f"{op}: the {kernel} cannot run ({reason.text}); using the PyTorch twin", stacklevel=3)
+    if not reason.by_design:
+        warn_once((op, reason.text), f"{op}: the {kernel} cannot run ({reason.text}); using the PyTorch twin",
+                  stacklevel=3)
     return False

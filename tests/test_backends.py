@@ -65,3 +65,13 @@ def test_csrc_ops_on_cpu_take_the_twin_silently_and_kernel_names_the_device():
         assert _ext.use_kernel("auto", "add_norm_forward", x, why="mixed dtypes") is False
     with pytest.raises(RuntimeError, match="cpu"):
         _ext.use_kernel("kernel", "add_norm_forward", x)
+
+
+def test_warn_once_points_at_the_caller():
+    def op():
+        backends.warn_once("k", "message")
+
+    with pytest.warns(UserWarning, match="message") as caught:
+        op()
+        op()
+    assert len(caught) == 1 and caught[0].filename == __file__

@@ -65,3 +65,18 @@ def test_bad_arguments():
         geglu_forward(gate, up, out=torch.empty(2, 8))
     with pytest.raises(ValueError, match="backend"):
         geglu_forward(gate, up, backend="fastest")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_on_cuda(dtype):
+    gate, up, dy = (t.to("cuda", dtype) for t in _inputs((3, 77, 320), torch.float64, seed=9))
+    y_ref = geglu_forward_reference(gate.double(), up.double())
+    dg_ref, du_ref = geglu_backward_reference(dy.double(), gate.double(), up.double())
+    plain = F.gelu(gate, approximate="tanh") * up
+    floor = 1e-6 if dtype == torch.float32 else 0.0
+    assert rel_err(geglu_forward(gate, up, backend="kernel"), y_ref) <= 2 * rel_err(plain, y_ref) + floor
+    d_gate, d_up = geglu_backward(dy, gate, up, backend="kernel")
+    dg_plain, du_plain = geglu_backward_reference(dy, gate, up)
+    assert rel_err(d_gate, dg_ref) <= 2 * rel_err(dg_plain, dg_ref) + floor
+    assert rel_err(d_up, du_ref) <= 2 * rel_err(du_plain, du_ref) + floor

@@ -88,3 +88,20 @@ def test_backward_bad_rstd():
     x, dy, w = _inputs(2, 3, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="rstd"):
         qk_norm_backward(dy, x, w, torch.ones(2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("G, D", [(24, 128), (2, 2048), (1, 4096)])
+def test_kernel_on_cuda(dtype, G, D):
+    x64, dy64, w64 = _inputs(2, 33, G, D, torch.float64, seed=G)
+    x, dy, w = (t.to("cuda", dtype) for t in (x64, dy64, w64))
+    y_ref, r_ref = qk_norm_forward_reference(x.double(), w.double(), EPS)
+    dx_ref = qk_norm_backward_reference(dy.double(), x.double(), w.double(), r_ref)
+    y_plain, r_plain = qk_norm_forward_reference(x, w, EPS)  # the twin in the same dtype
+    dx_plain = qk_norm_backward_reference(dy, x, w, r_plain)
+    y, rstd = qk_norm_forward(x, w, EPS, backend="kernel")
+    dx = qk_norm_backward(dy, x, w, rstd, backend="kernel")
+    floor = 1e-6 if dtype == torch.float32 else 0.0
+    assert rel_err(y, y_ref) <= 2 * rel_err(y_plain, y_ref) + floor
+    assert rel_err(dx, dx_ref) <= 2 * rel_err(dx_plain, dx_ref) + floor
