@@ -3,6 +3,7 @@ import os
 
 import torch
 
+from ..backends import resolve_op_backend
 from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
@@ -10,9 +11,7 @@ from .second_order import meta_write, needs_meta_write
 from .specs import spec_of
 from .step import write_step
 
-ENV_OP_BACKEND = "GRADMEM_FAST_OP_BACKEND"
 ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
-OP_BACKENDS = ("auto", "kernel", "reference")
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -28,8 +27,6 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
         return str(exc)
     if spec.embedding.dtype not in MODEL_DTYPES:
         return f"model dtype {spec.embedding.dtype} is not one of float32, float16, bfloat16"
-    if write_head is None and spec.lm_head.bias is not None:
-        return "the model's LM head has a bias, which the fused head loss does not take"
     if isinstance(memory, torch.Tensor) and memory.dtype not in MODEL_DTYPES + (torch.float64,):
         return f"memory dtype {memory.dtype} is not supported"
     if seq_len is not None and spec.max_positions is not None and seq_len > spec.max_positions:
@@ -39,10 +36,7 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
 
 
 def _op_backend(op_backend):
-    backend = op_backend or os.environ.get(ENV_OP_BACKEND) or "auto"
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"op_backend {backend!r} is not one of {OP_BACKENDS}")
-    return backend
+    return resolve_op_backend(op_backend or None)
 
 
 def _use_graphs(device, use_graphs):

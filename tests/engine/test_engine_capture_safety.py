@@ -23,7 +23,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradmem_fast.ops.attention as attention
+import gradmem_fast.ops.geglu as geglu
 import gradmem_fast.ops.head_loss as head_loss
+import gradmem_fast.ops.qk_norm as qk_norm
 from engine_cases import WIDE, cast, make_options, model_on, model_pair
 from gradmem_fast.engine import graphs
 from gradmem_fast.engine.ops import ops_for
@@ -330,14 +332,17 @@ def _refuse(name):
 
 
 @pytest.mark.parametrize("family, B, T, lengths, m", [("llama", 1, 5, None, 2), ("llama", 2, 6, [6, 3], 2),
-                                                     ("gpt2", 2, 6, [6, 3], 2), ("gpt_neox", 2, 6, [6, 3], 2)])
+                                                     ("gpt2", 2, 6, [6, 3], 2), ("gpt_neox", 2, 6, [6, 3], 2),
+                                                     ("qwen3", 2, 6, [6, 3], 2), ("olmo2", 1, 5, None, 2),
+                                                     ("phi3", 2, 6, [6, 3], 2), ("gemma3_text", 2, 6, [6, 3], 2)])
 def test_kernel_engine_is_capturable(family, B, T, lengths, m, monkeypatch):
     """The Triton kernels (interpreter) for attention and head + loss. The csrc ops take their twins here:
     op_backend="kernel" would raise on CPU tensors, so "auto" is used and the twins of the Triton ops are
     made to fail, proving the kernels ran."""
     for module, names in ((attention, ("attention_forward", "attention_backward", "context_attention_state",
                                        "memory_attention_forward", "memory_attention_backward")),
-                          (head_loss, ("fused_head_loss",))):
+                          (head_loss, ("fused_head_loss",)), (qk_norm, ("qk_norm_forward", "qk_norm_backward")),
+                          (geglu, ("geglu_forward", "geglu_backward"))):
         for name in names:
             monkeypatch.setattr(module, name + "_reference", _refuse(name))
     model = model_pair(family, **WIDE[family])[0]
