@@ -127,7 +127,7 @@ def device_preference(model):
             "the engine")
 
 
-def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None, return_losses=False):
     """Why the fast engine cannot take this call: a list of strings, empty when it can."""
     reasons = []
     for reason in (dropout_reason(model), attention_reason(model)):
@@ -140,29 +140,30 @@ def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=N
     if not hasattr(engine, "fast_reason"):
         return reasons + ["the fast engine is not built into this version"]
     reason = engine.fast_reason(model, memory, write_head=write_head, memory_proj=memory_proj,
-                                grad_mode=grad_mode, seq_len=seq_len)
+                                grad_mode=grad_mode, seq_len=seq_len, return_losses=return_losses)
     if reason is not None and reason not in reasons:
         reasons.append(reason)
     return reasons
 
 
-def decide(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def decide(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None, return_losses=False):
     """The BackendChoice for this call, without warning or raising. seq_len: memory rows + context tokens."""
     backend = requested_backend(backend)
     if backend == "reference":
         return BackendChoice(backend, "reference", ())
     blockers = tuple(fast_reasons(model, memory, write_head=write_head, memory_proj=memory_proj,
-                                  grad_mode=grad_mode, seq_len=seq_len))
+                                  grad_mode=grad_mode, seq_len=seq_len, return_losses=return_losses))
     if blockers:
         return BackendChoice(backend, "reference", blockers)
     preference = device_preference(model) if backend == "auto" else None
     return BackendChoice(backend, "reference" if preference else "fast", (), preference)
 
 
-def choose_write_backend(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def choose_write_backend(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None,
+                         return_losses=False):
     """'fast' or 'reference' for this call; raises for backend='fast' when the engine cannot take it."""
     choice = decide(backend, model, memory, write_head=write_head, memory_proj=memory_proj, grad_mode=grad_mode,
-                    seq_len=seq_len)
+                    seq_len=seq_len, return_losses=return_losses)
     if not choice.blockers:
         return choice.backend
     message = "; ".join(choice.blockers)

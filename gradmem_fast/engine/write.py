@@ -7,7 +7,7 @@ from ..backends import resolve_op_backend
 from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
-from .second_order import meta_write, needs_meta_write
+from .second_order import meta_write, needs_meta_write, recompute_reason
 from .specs import spec_of
 from .step import write_step
 
@@ -15,7 +15,7 @@ ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None, return_losses=False):
     """None when fast_write can take this call, else why not (one string). seq_len: m + T when known."""
     try:
         from ..models import UnsupportedModel
@@ -32,6 +32,9 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
     if seq_len is not None and spec.max_positions is not None and seq_len > spec.max_positions:
         return (f"memory rows + tokens = {seq_len} exceeds the model's limit {spec.max_positions} (position "
                 "table or sliding window), which the fast engine does not cover")
+    if isinstance(memory, torch.Tensor) and needs_meta_write(model, memory, grad_mode, return_losses, write_head,
+                                                             memory_proj):
+        return recompute_reason(spec)
     return None
 
 
