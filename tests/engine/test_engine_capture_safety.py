@@ -199,6 +199,7 @@ def _clean(x):
 @pytest.mark.parametrize("fn", [_item, _float_and_branch, _bool_mask, _bool_mask_put, _nonzero, _python_data,
                                 _tensor_repeats])
 @pytest.mark.parametrize("fake_cuda", [False, True])
+@pytest.mark.needs_cuda_build
 def test_checker_fails_on_host_sync(fn, fake_cuda):
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     if fake_cuda:
@@ -219,6 +220,7 @@ def test_checker_names_the_op_and_the_line():
 @pytest.mark.parametrize("move", [lambda x: x.cpu() * 2, lambda x: x + torch.ones(3).to("cuda"),
                                   lambda x: x * torch.ones((), dtype=x.dtype), lambda x: x.new_empty(3).copy_(
                                       torch.ones(3))])
+@pytest.mark.needs_cuda_build
 def test_checker_fails_on_device_moves(move):
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.ones(3)).to("cuda")
@@ -227,6 +229,7 @@ def test_checker_fails_on_device_moves(move):
 
 
 @pytest.mark.parametrize("fake_cuda", [False, True])
+@pytest.mark.needs_cuda_build
 def test_checker_passes_capturable_code(fake_cuda):
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     if fake_cuda:
@@ -335,6 +338,7 @@ def _refuse(name):
                                                      ("gpt2", 2, 6, [6, 3], 2), ("gpt_neox", 2, 6, [6, 3], 2),
                                                      ("qwen3", 2, 6, [6, 3], 2), ("olmo2", 1, 5, None, 2),
                                                      ("phi3", 2, 6, [6, 3], 2), ("gemma3_text", 2, 6, [6, 3], 2)])
+@pytest.mark.needs_triton
 def test_kernel_engine_is_capturable(family, B, T, lengths, m, monkeypatch):
     """The Triton kernels (interpreter) for attention and head + loss. The csrc ops take their twins here:
     op_backend="kernel" would raise on CPU tensors, so "auto" is used and the twins of the Triton ops are
@@ -373,6 +377,7 @@ def _fake_cuda(value, mode, memo):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("B, T, lengths, m", CASES)
+@pytest.mark.needs_cuda_build
 def test_engine_on_fake_cuda_is_capturable(family, B, T, lengths, m):
     """Fake CUDA tensors: a device move, a host tensor in a device op or a value read back shows here."""
     model = model_pair(family)[0]
@@ -534,6 +539,7 @@ def test_graph_writes_on_two_streams_match_eager():
         assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.needs_cuda_build
 def test_fast_write_runs_with_the_tensors_device_current(monkeypatch):
     """Triton launches on the current device: the eager loop (fake CUDA tensors here) runs each step with
     the tensors' device made current."""

@@ -18,6 +18,7 @@ from helpers import rel_err
     ("gemma3_text", 2, 6, [6, 3], 2, 2, 1e-4),
     ("gemma3_text", 1, 5, None, 3, 1, 1e-4),
 ])
+@pytest.mark.needs_triton
 def test_kernels_fp32(family, B, T, lengths, m, steps, tol, monkeypatch):
     # a silent fallback to a twin would make this test pointless: the twins must not be reached
     refuse_twins(monkeypatch, TRITON_OPS)

@@ -84,6 +84,7 @@ FAMILY = {"gpt2-small": "gpt2", "llama1b": "llama", "kv": "llama"}
 @pytest.mark.parametrize("name, B, layers_expected", [
     ("gpt2-latency", 1, 12), ("gpt2-batch", 4, 12), ("llama1b-latency", 1, 16), ("llama1b-batch", 4, 16),
     ("kv-latency", 1, 4), ("kv-paper", 4, 4)])
+@pytest.mark.needs_triton
 def test_standard_case_step_within_budget(emulated_csrc, name, B, layers_expected):
     case = get_case(name).resized(B=B)
     plan, step = count_case(case)
@@ -105,6 +106,7 @@ def _family_counts(family, B):
 
 @pytest.mark.parametrize("family", ["gpt_neox", "qwen3", "olmo2", "phi3", "gemma3_text"])
 @pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.needs_triton
 def test_family_step_within_budget(emulated_csrc, family, B):
     step = _family_counts(family, B)
     assert len(step.per_layer()) == 2
@@ -112,6 +114,7 @@ def test_family_step_within_budget(emulated_csrc, family, B):
     assert step.by("kind")["triton"] > 0 and step.by("kind")["csrc"] > 0
 
 
+@pytest.mark.needs_triton
 def test_an_extra_op_breaks_the_budget(emulated_csrc, monkeypatch):
     """The budget check can fail: one more launch per linear layer shows up in every phase."""
     case = get_case("kv-latency")

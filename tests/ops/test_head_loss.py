@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from gradmem_fast.ops.head_loss import fused_head_loss, fused_head_loss_reference
 from helpers import poison_, rel_err
 
+pytestmark = pytest.mark.needs_triton  # every kernel test here launches Triton (interpreter or GPU)
+
 IMPLS = ("chunked", "fused", "public", "twin")
 SHAPES = [(37, 97, 48), (20, 1000, 80), (1, 97, 48)]  # (N, V, d)
 
