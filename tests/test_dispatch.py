@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradmem_fast
-from gradmem_fast import dispatch
+from gradmem_fast import backends, dispatch
 from helpers import random_batch, tiny_model
 
 
@@ -24,7 +24,7 @@ def _sliding(T=10):
 
 def test_second_order_falls_back_where_the_engine_cannot_run(monkeypatch):
     model, ids, mask, memory = _sliding()
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(UserWarning, match="falls back to the reference backend: .*exceeds the model's limit 8"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
     expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
@@ -33,7 +33,7 @@ def test_second_order_falls_back_where_the_engine_cannot_run(monkeypatch):
 
 def test_fallback_warns_once_per_reason(monkeypatch):
     model, ids, mask, memory = _sliding()
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -86,7 +86,7 @@ def test_unsupported_model_falls_back(monkeypatch):
     model.requires_grad_(False)
     ids = torch.randint(0, 40, (1, 5))
     memory = 0.1 * torch.randn(2, 16)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.raises((gradmem_fast.BackendUnavailable, NotImplementedError)):
         gradmem_fast.write(model, memory, ids, steps=1, lr=0.1, backend="fast")
     with pytest.warns(UserWarning, match="falls back"):
@@ -97,7 +97,7 @@ def test_unsupported_model_falls_back(monkeypatch):
 def test_sliding_window_beyond_limit_falls_back(monkeypatch):
     model = tiny_model("mistral", dtype=torch.float32, sliding_window=8)
     ids, mask, memory = random_batch(model, 1, 10, m=2)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(UserWarning, match="exceeds the model's limit 8"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1)
     expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1)
@@ -153,7 +153,7 @@ def test_training_with_dropout_falls_back(family, key, monkeypatch):
     ids, mask, memory = random_batch(model, 2, 5, m=2)
     assert dispatch.dropout_reason(model) is None  # eval mode: dropout is off
     model.train()
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(dispatch, "device_preference", lambda model: None)  # auto would take the engine
     with pytest.warns(UserWarning, match=f"training mode with dropout .*{key}=0.3"):
         torch.manual_seed(1)
@@ -191,7 +191,7 @@ def test_custom_attention_falls_back(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, "half_sdpa", _half_attention)
     model = tiny_model("llama", dtype=torch.float32, attn="half_sdpa")
     ids, mask, memory = random_batch(model, 2, 6, lengths=[6, 4], m=2)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(dispatch, "device_preference", lambda model: None)
     with pytest.warns(UserWarning, match="attention implementation 'half_sdpa' is not one of the built-in"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.5)

@@ -227,7 +227,7 @@ def test_uncovered_families_fall_back_for_second_order(family):
     takes the reference for second order while first order stays on the engine."""
     import warnings
 
-    from gradmem_fast import dispatch
+    from gradmem_fast import backends
     from gradmem_fast.engine import fast_reason
 
     model = tiny_model(family, dtype=torch.float32, seed=2)
@@ -238,7 +238,7 @@ def test_uncovered_families_fall_back_for_second_order(family):
     assert reason is not None and "second-order" in reason
     with pytest.raises(gradmem_fast.BackendUnavailable, match="second-order"):
         gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="fast")
-    dispatch._warned.clear()
+    backends._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="auto")
