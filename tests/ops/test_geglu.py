@@ -41,6 +41,7 @@ def test_kernel_matches_twin(shape, dtype, tol):
     assert d_gate is outs[0] and rel_err(d_gate, dg_ref) < tol and rel_err(d_up, du_ref) < tol
 
 
+@pytest.mark.needs_triton
 def test_fp16_kernel_within_twice_plain_pytorch():
     gate, up, _ = _inputs((4, 64), torch.float16, seed=3)
     ref = geglu_forward_reference(gate.double(), up.double())
@@ -48,6 +49,7 @@ def test_fp16_kernel_within_twice_plain_pytorch():
     assert rel_err(geglu_forward(gate, up, backend="kernel"), ref) <= 2 * rel_err(plain, ref) + 1e-4
 
 
+@pytest.mark.needs_triton
 def test_float64_takes_the_twin_with_a_warning_and_kernel_refuses():
     gate, up, dy = _inputs((2, 16), torch.float64)
     with pytest.warns(UserWarning, match="float64"):

@@ -49,6 +49,7 @@ def test_kernel_matches_twin(B, S, G, D, dtype, tol):
     assert dx.shape == x.shape and rel_err(dx, dx_ref) < tol
 
 
+@pytest.mark.needs_triton
 def test_plain_pytorch_error_bounds_the_fp16_kernel():
     x64, dy64, w64 = _inputs(2, 9, 4, 32, torch.float64, seed=3)
     x, dy, w = x64.half(), dy64.half(), w64.half()
@@ -61,6 +62,7 @@ def test_plain_pytorch_error_bounds_the_fp16_kernel():
     assert rel_err(dx, ref_dx) < 5e-3
 
 
+@pytest.mark.needs_triton
 def test_auto_takes_the_twin_for_float64_and_kernel_refuses():
     x, dy, w = _inputs(1, 3, 2, 16, torch.float64)
     with pytest.warns(UserWarning, match="float64"):
