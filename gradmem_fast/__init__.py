@@ -10,6 +10,7 @@ correctness). Importing never touches a GPU and never compiles anything.
 from . import reference
 from .api import memory_cache, read, write
 from .dispatch import BackendUnavailable
+from .lm import GradMemLM
 
 __version__ = "0.1.0"
-__all__ = ["write", "read", "memory_cache", "reference", "BackendUnavailable", "__version__"]
+__all__ = ["write", "read", "memory_cache", "reference", "BackendUnavailable", "GradMemLM", "__version__"]
