@@ -139,7 +139,8 @@ class GradMemLM(nn.Module):
         loss = None
         if labels is not None:
             V = logits.shape[-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
+            loss = F.cross_entropy(logits32.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX)
             if self.inner_loss_weight and inner_losses.shape[1] > 0:
                 loss = loss + self.inner_loss_weight * inner_losses[:, -1].mean()
         return GradMemLMOutput(loss=loss, logits=logits, memory=memory, inner_losses=inner_losses)
