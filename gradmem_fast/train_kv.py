@@ -45,6 +45,8 @@ def add_arguments(parser):
     add("--eval-samples", type=int, default=512)
     add("--checkpoint-every", type=int, default=200)
     add("--log-every", type=int, default=10)
+    add("--backend", choices=("auto", "fast", "reference"), default="auto",
+        help="write backend (evaluation writes without the second-order graph, which the fast engine can take)")
     add("--device", choices=("cpu", "cuda"), default="cpu")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add("--seed", type=int, default=0)
@@ -73,7 +75,8 @@ def build_model(args, device):
     lm = LlamaForCausalLM(config).to(device)
     return GradMemLM(lm, args.memory, steps=args.steps, lr=args.inner_lr, grad_mode=args.grad_mode,
                      second_order_steps=args.second_order_steps, write_head=not args.no_write_head,
-                     memory_proj=not args.no_memory_proj, inner_loss_weight=args.inner_loss_weight)
+                     memory_proj=not args.no_memory_proj, inner_loss_weight=args.inner_loss_weight,
+                     backend=args.backend)
 
 
 def schedule(args):
@@ -196,6 +199,7 @@ def run(args):
                                      value_len=args.value_len, seed=args.seed + 1_000_003)
     resumed = None if args.no_resume else load_checkpoint(args.out, device)
     module = resumed[0] if resumed else build_model(args, device)
+    module.backend = args.backend
     optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args))
     if resumed:
