@@ -160,13 +160,14 @@ def plot(record, path):
     scaling = record.get("step_scaling", [])
     right.plot([s["steps"] for s in scaling], [s["exact_match"] for s in scaling], "o-", label="trained weights")
     right.axvline(args["steps"], color="gray", ls="--", lw=0.8, label=f"K at training = {args['steps']}")
-    right.axhline(record["chance"]["one_of_the_context_values"], color="orange", ls=":", lw=1,
-                  label="1/N (a context value at random)")
+    if args["pairs"] > 1:
+        right.axhline(record["chance"]["one_of_the_context_values"], color="orange", ls=":", lw=1,
+                      label="1/N (a context value at random)")
     right.axhline(record["chance"]["uniform"], color="red", ls=":", lw=1, label="uniform guess (62^-len)")
     right.set_xlabel("write steps at test time")
     right.set_ylabel("exact match")
-    right.set_ylim(0, 1)
-    right.legend(fontsize=8)
+    right.set_ylim(-0.02, 1.02)
+    right.legend(fontsize=8, loc="lower right")
     right.set_title("test-time step scaling")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
