@@ -300,3 +300,13 @@ def test_bad_batches_raise_value_error():
             module(**{**good, **change})
     with pytest.raises(ValueError, match="steps"):
         module(**good, steps=-2)
+
+
+def test_bf16_autocast_with_fp32_weights_trains():
+    module = GradMemLM(kv_lm(), 4, steps=1, lr=0.1, write_head=True, memory_proj=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(**kv_batch(size=4))
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert module.memory.dtype == torch.float32 and module.memory.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
