@@ -65,7 +65,7 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "transformers>=4.56"],
+    install_requires=["torch>=2.11,<2.15", "transformers>=5.17,<5.25"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,9 +1,12 @@
 """`python -m gradmem_fast demo`: a write on a small seeded Llama (the paper's KV-retrieval shape).
 
 Prints the per-step reconstruction loss of the reference writer, then the fast writer's agreement
-with it and the two wall times. Runs on the CPU (or on CUDA with --device cuda).
+with it and the two wall times. Runs on the CPU (or on CUDA with --device cuda). On the CPU the
+fast engine runs the PyTorch twins of its kernels (no Triton, no CUDA graphs): its time there says
+nothing about GPU speed, and backend="auto" takes the reference on the CPU.
 """
 import argparse
+import sys
 import time
 
 import torch
@@ -20,6 +23,37 @@ def demo_model(device, dtype):
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return model
+
+
+def _device(name):
+    """(torch.device, None), or (None, why the device cannot be used)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        return None, f"--device {name!r} is not a device ({exc})"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return None, f"--device {name} needs a CUDA GPU, but torch finds none (torch.cuda.is_available() is False)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    if device.type not in ("cpu", "cuda"):
+        return None, f"--device {name}: the demo runs on cpu or cuda"
+    return device, None
+
+
+def where_it_runs(device):
+    """One plain sentence on what the fast writer runs on this device."""
+    from ._triton import interpreter_on
+
+    if device.type == "cuda":
+        return ("fast writer on CUDA: Triton and CUDA kernels, the K steps replayed as a CUDA graph "
+                "(the first call includes compiling and capturing)")
+    if interpreter_on():
+        return ("fast writer on the CPU with TRITON_INTERPRET=1: the Triton kernels run under the interpreter "
+                "(a correctness check, far slower than either writer should be); backend='auto' takes the "
+                "reference on the CPU")
+    return ("fast writer on the CPU: the engine runs the PyTorch twins of its kernels (no Triton, no CUDA "
+            "graphs); this checks its algorithm against the reference, its time is not GPU speed, and "
+            "backend='auto' takes the reference on the CPU")
 
 
 def _timed(fn):
@@ -44,7 +78,10 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2.0)
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    device, problem = _device(args.device)
+    if problem:
+        print(f"python -m gradmem_fast demo: error: {problem}", file=sys.stderr)
+        return 2
     model = demo_model(device, torch.float32)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 70, (args.batch, args.tokens), generator=g).to(device)
@@ -60,7 +97,9 @@ def main(argv=None):
         print(f"step {k}: reconstruction loss per sample " + " ".join(f"{x:.4f}" for x in ref_losses[:, k].tolist()))
     after = gradmem_fast.write(model, ref, ids, mask, steps=1, lr=0.0, backend="reference", return_losses=True)[1]
     print("after the write:                   " + " ".join(f"{x:.4f}" for x in after[:, 0].tolist()))
-    print(f"reference writer: {ref_ms:.1f} ms")
+    print(f"reference writer (plain PyTorch autograd): {ref_ms:.1f} ms")
+    print(where_it_runs(device))
+    print("backend='auto' here: " + str(gradmem_fast.explain(model, memory, ids, mask)))
     try:
         (fast, fast_losses), fast_ms = _timed(lambda: gradmem_fast.write(
             model, memory, ids, mask, steps=args.steps, lr=args.lr, backend="fast", return_losses=True))

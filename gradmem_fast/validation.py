@@ -114,6 +114,9 @@ def check_memory_proj(model, memory_proj):
         raise ValueError(
             f"memory_proj maps {memory_proj.in_features} -> {memory_proj.out_features}, expected {d} -> {d}")
     _same_device("memory_proj", memory_proj.weight, model_device(model))
+    for part, tensor in (("weight", memory_proj.weight), ("bias", memory_proj.bias)):
+        if tensor is not None:
+            _check_finite_float(f"memory_proj.{part}", tensor)
 
 
 def check_write_head(model, write_head):
@@ -132,7 +135,16 @@ def check_write_head(model, write_head):
     if tuple(weight.shape) != expected:
         raise ValueError(f"write_head shape {tuple(weight.shape)} != (V, d) = {expected}")
     _same_device("write_head", weight, model_device(model))
+    _check_finite_float("write_head", weight)
     return weight
+
+
+def _check_finite_float(name, tensor):
+    """A parameter tensor must be floating point and hold no NaN or inf (either would poison the memory)."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds non-finite values (NaN or inf)")
 
 
 def _check_real(name, value, positive=False):
@@ -159,10 +171,23 @@ def check_options(steps, lr, clip_value, clip_norm, grad_mode, backend=None):
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def check_second_order_steps(second_order_steps, steps, grad_mode):
+    """None (every step second order) or j in 0..steps (the last j steps), only with grad_mode 'second'."""
+    if second_order_steps is None:
+        return
+    if grad_mode != "second":
+        raise ValueError(f"second_order_steps={second_order_steps!r} needs grad_mode='second', got {grad_mode!r}")
+    if isinstance(second_order_steps, bool) or not isinstance(second_order_steps, numbers.Integral):
+        raise ValueError(f"second_order_steps must be None or an int, got {second_order_steps!r}")
+    if not 0 <= second_order_steps <= steps:
+        raise ValueError(f"second_order_steps={second_order_steps!r} is outside 0..steps = 0..{steps}")
+
+
 def check_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
-                clip_norm, grad_mode, backend=None):
+                clip_norm, grad_mode, backend=None, second_order_steps=None):
     """Every check of a write call. Returns (memory (1 or B, m, d), mask (B, T), write-head weight or None)."""
     check_options(steps, lr, clip_value, clip_norm, grad_mode, backend)
+    check_second_order_steps(second_order_steps, steps, grad_mode)
     mask = check_ids_and_mask(model, input_ids, attention_mask, memory_rows(memory))
     memory = check_memory(model, memory, input_ids.shape[0])
     head = check_write_head(model, write_head)

@@ -32,7 +32,7 @@ DQ_SHAPES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 # The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): large tiles
 # without register spills on sm_90 (`scripts/compile_kernels.py --autotune 0` lists them). IEEE fp32
 # dots run on the FMA units with both operands in registers, so fp32 takes much smaller tiles, fewer
-# stages at D = 128, and autotunes only over its default and smaller tiles (`fp32_prune`).
+# stages at D = 128, and autotunes only over its default and smaller tiles (`tile_prune`).
 _BF = (128, 64, 8, 3)
 DEFAULT_SHAPES = {
     "fwd": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): _BF,
@@ -53,12 +53,12 @@ def autotune_on():
 
 
 def configs(shapes):
-    """Autotuning candidates. Under the interpreter one tiny config; GRADMEM_FAST_AUTOTUNE=0 keeps only
-    the first (the 16-bit default): the launchers then bypass the autotuner with `default_shape`."""
+    """Autotuning candidates: under the interpreter one tiny config, else every shape whatever
+    GRADMEM_FAST_AUTOTUNE says (with it 0 the launchers bypass the autotuner with `default_shape`).
+    Triton runs a one-config autotuner without pruning, so a list collapsed at import would launch
+    its one tile on every dtype and head dim once the switch is turned on."""
     if interpreter_on():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if not autotune_on():
-        shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
@@ -70,16 +70,24 @@ def default_shape(table, dtype, D):
 precision = dot_precision
 
 
-def fp32_prune(table):
-    """Autotuner `early_config_prune`: fp32 inputs are tuned over their default and smaller tiles (the
-    16-bit candidates spill registers on the FMA path and take minutes to compile)."""
+def tile_prune(table):
+    """Autotuner `early_config_prune` by the inputs' dtype and head dim: the default of `table` for
+    (fp32, BLOCK_D) first, then for fp32 only the smaller tiles (the 16-bit candidates spill registers
+    on the FMA path, take minutes to compile, and some exceed shared memory at D = 128), for 16-bit
+    inputs the other candidates (the autotuner skips one that exceeds shared memory when it times it)."""
     def prune(configs, nargs, **kwargs):
-        dtype = next(v.dtype for v in nargs.values() if isinstance(v, torch.Tensor))
-        if dtype != torch.float32 or len(configs) == 1:
-            return configs
-        bm, bn, w, st = table[(True, kwargs["BLOCK_D"])]
-        smaller = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)] + smaller
+        fp32 = next(v.dtype for v in nargs.values() if isinstance(v, torch.Tensor)) == torch.float32
+        bm, bn, w, st = table[(fp32, kwargs["BLOCK_D"])]
+        default = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+
+        def shape(c):
+            return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+        if fp32:
+            rest = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn]
+        else:
+            rest = [c for c in configs if shape(c) != (bm, bn, w, st)]
+        return [default] + rest
     return prune
 
 
@@ -357,12 +365,12 @@ def _bwd_dq_kernel(
 
 _KEY = ["BLOCK_D", "GROUP", "HAS_LENGTHS"]
 _fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"],
-                             prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["fwd"])})(_fwd_kernel)
+                             prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["fwd"])})(_fwd_kernel)
 _dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY,
-                              prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["dkdv"])}
+                              prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["dkdv"])}
                               )(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY + ["DELTA_FROM_O"],
-                            prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["dq"])})(_bwd_dq_kernel)
+                            prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["dq"])})(_bwd_dq_kernel)
 
 # ---------------------------------------------------------------- launchers
 

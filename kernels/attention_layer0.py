@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .attention import (
-    LN2, LOG2E, block_d, configs, default_shape, dkdv_loop, fp32_prune, launch, launch_dq, launch_forward,
-    launch_preprocess, online_softmax_step, pick, precision, strides3,
+    LN2, LOG2E, block_d, configs, default_shape, dkdv_loop, launch, launch_dq, launch_forward,
+    launch_preprocess, online_softmax_step, pick, precision, strides3, tile_prune,
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the 16-bit default. BLOCK_N runs over the m
@@ -139,10 +139,10 @@ def _mem_dkdv_kernel(
 
 _KEY = ["BLOCK_D", "GROUP"]
 _ctx_fwd_tuned = triton.autotune(configs(CTX_SHAPES), key=_KEY,
-                                 prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["ctx"])}
+                                 prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["ctx"])}
                                  )(_ctx_fwd_kernel)
 _mem_dkdv_tuned = triton.autotune(configs(MEM_DKDV_SHAPES), key=_KEY,
-                                  prune_configs_by={"early_config_prune": fp32_prune(DEFAULT_SHAPES["mem_dkdv"])}
+                                  prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["mem_dkdv"])}
                                   )(_mem_dkdv_kernel)
 
 

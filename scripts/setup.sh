@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Install the dependencies and the project (editable). Builds the CUDA extension (csrc/) when a
 # CUDA toolkit is found; GRADMEM_FAST_BUILD_CUDA=0 skips it. Needs network access to PyPI.
+# The versions are the tested ones in constraints.txt; GRADMEM_FAST_UNPINNED=1 installs the newest
+# releases instead (to see whether the project still passes with them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install -q "torch==2.14.1" "transformers>=5.17" pytest pytest-benchmark ninja "setuptools>=64"
+PACKAGES=(torch transformers numpy pytest pytest-benchmark ninja setuptools)
+if [ "${GRADMEM_FAST_UNPINNED:-0}" = "1" ]; then
+    python -m pip install -q --upgrade "${PACKAGES[@]}"
+else
+    python -m pip install -q -c constraints.txt "${PACKAGES[@]}"
+fi
+python -m pip freeze --all | grep -iE '^(torch|triton|transformers|numpy|pytest|pytest-benchmark|ninja|setuptools)==' \
+    | tr '\n' ' ' && echo
 # CUDA_HOME must be the toolkit root holding bin/nvcc and lib64/libcudart (torch's guess from the
 # nvcc on PATH can be wrong and then fails to link cudart).
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then

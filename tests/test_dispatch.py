@@ -16,17 +16,23 @@ def small():
     return model, ids, mask, memory
 
 
-def test_auto_falls_back_with_reason_for_second_order(small, monkeypatch):
-    model, ids, mask, memory = small
+def _sliding(T=10):
+    model = tiny_model("mistral", dtype=torch.float32, sliding_window=8)
+    ids, mask, memory = random_batch(model, 1, T, m=2)
+    return model, ids, mask, memory
+
+
+def test_second_order_falls_back_where_the_engine_cannot_run(monkeypatch):
+    model, ids, mask, memory = _sliding()
     monkeypatch.setattr(dispatch, "_warned", set())
-    with pytest.warns(UserWarning, match="falls back to the reference backend: .*second"):
+    with pytest.warns(UserWarning, match="falls back to the reference backend: .*exceeds the model's limit 8"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
     expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
     assert torch.equal(out, expected)
 
 
-def test_fallback_warns_once_per_reason(small, monkeypatch):
-    model, ids, mask, memory = small
+def test_fallback_warns_once_per_reason(monkeypatch):
+    model, ids, mask, memory = _sliding()
     monkeypatch.setattr(dispatch, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -35,10 +41,25 @@ def test_fallback_warns_once_per_reason(small, monkeypatch):
     assert sum("falls back" in str(w.message) for w in caught) == 1
 
 
-def test_explicit_fast_raises_for_second_order(small):
-    model, ids, mask, memory = small
-    with pytest.raises((NotImplementedError, gradmem_fast.BackendUnavailable), match="second"):
+def test_explicit_fast_raises_for_second_order_it_cannot_run():
+    model, ids, mask, memory = _sliding()
+    with pytest.raises(gradmem_fast.BackendUnavailable, match="sliding window"):
         gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="fast")
+
+
+def test_auto_takes_fast_engine_for_second_order(small, monkeypatch):
+    from gradmem_fast.engine import fast_write
+
+    model, ids, mask, memory = small
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's ops use their PyTorch twins here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.3, grad_mode="second",
+                                 second_order_steps=1)
+    expected = fast_write(model, memory.unsqueeze(0), ids, mask, steps=2, lr=0.3, write_head=None,
+                          memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
+                          return_losses=False)
+    assert torch.equal(out, expected)
 
 
 def test_environment_forces_backend(small, monkeypatch):
@@ -83,11 +104,27 @@ def test_sliding_window_beyond_limit_falls_back(monkeypatch):
         gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, backend="fast")
 
 
-def test_auto_takes_fast_engine_without_warning(small, monkeypatch):
+def test_auto_takes_reference_on_cpu_without_warning(small):
+    model, ids, mask, memory = small
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.3)
+    expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=2, lr=0.3)
+    assert torch.equal(out, expected)
+    choice = gradmem_fast.explain(model, memory, ids, mask)
+    assert (choice.backend, choice.blockers) == ("reference", ())
+    assert "PyTorch twins" in choice.preference and "PyTorch twins" in str(choice)
+    assert gradmem_fast.explain(model, memory, ids, mask, backend="fast").backend == "fast"
+    assert gradmem_fast.explain(model, memory, ids, mask, backend="reference").preference is None
+
+
+def test_auto_takes_fast_engine_where_preferred(small, monkeypatch):
     from gradmem_fast.engine import fast_write
 
     model, ids, mask, memory = small
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's ops use their PyTorch twins here
+    monkeypatch.setattr(dispatch, "device_preference", lambda model: None)  # as on a CUDA device
+    assert gradmem_fast.explain(model, memory, ids, mask).backend == "fast"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.3)
@@ -95,3 +132,85 @@ def test_auto_takes_fast_engine_without_warning(small, monkeypatch):
                           memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
                           return_losses=False)
     assert torch.equal(out, expected)
+
+
+def test_explain_names_blockers(small):
+    model, ids, mask, memory = small
+    choice = gradmem_fast.explain(model, memory, ids, mask, grad_mode="second")
+    assert choice.backend == "reference" and any("second" in b for b in choice.blockers)
+    assert "cannot take this call" in str(choice)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        gradmem_fast.explain(model, memory, ids, mask, backend="gpu")
+
+
+@pytest.mark.parametrize("family,key", [("llama", "attention_dropout"), ("gpt2", "resid_pdrop"),
+                                        ("gpt_neox", "hidden_dropout")])
+def test_training_with_dropout_falls_back(family, key, monkeypatch):
+    model = tiny_model(family, dtype=torch.float32, **{key: 0.3})
+    ids, mask, memory = random_batch(model, 2, 5, m=2)
+    assert dispatch.dropout_reason(model) is None  # eval mode: dropout is off
+    model.train()
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "device_preference", lambda model: None)  # auto would take the engine
+    with pytest.warns(UserWarning, match=f"training mode with dropout .*{key}=0.3"):
+        torch.manual_seed(1)
+        out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.5)
+    torch.manual_seed(1)
+    expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.5)
+    assert torch.equal(out, expected)  # the reference, dropout applied with the same random draws
+    with pytest.raises(gradmem_fast.BackendUnavailable, match="dropout"):
+        gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.5, backend="fast")
+
+
+def test_training_without_dropout_and_single_dropout_module():
+    model = tiny_model("gpt2", dtype=torch.float32)  # every dropout probability 0
+    model.train()
+    assert dispatch.dropout_reason(model) is None
+    model = tiny_model("gpt2", dtype=torch.float32, resid_pdrop=0.2)
+    model.transformer.h[1].attn.resid_dropout.train()  # the rest stays in eval mode
+    reason = dispatch.dropout_reason(model)
+    assert reason is not None and "transformer.h.1.attn.resid_dropout = Dropout(p=0.2)" in reason
+    assert "config" not in reason  # model.training is False: the config alone does not count
+
+
+def _half_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return 0.5 * out, weights
+
+
+def test_custom_attention_falls_back(monkeypatch):
+    from transformers import AttentionInterface
+
+    from gradmem_fast.engine import fast_write
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "half_sdpa", _half_attention)
+    model = tiny_model("llama", dtype=torch.float32, attn="half_sdpa")
+    ids, mask, memory = random_batch(model, 2, 6, lengths=[6, 4], m=2)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "device_preference", lambda model: None)
+    with pytest.warns(UserWarning, match="attention implementation 'half_sdpa' is not one of the built-in"):
+        out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.5)
+    expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=2, lr=0.5)
+    assert torch.equal(out, expected)
+    engine = fast_write(model, memory[None], ids, mask, steps=2, lr=0.5, write_head=None, memory_proj=None,
+                        clip_value=None, clip_norm=None, grad_mode="none", return_losses=False,
+                        op_backend="reference")
+    update = (expected - memory).abs().max()
+    assert (engine - expected).abs().max() > 0.05 * update  # the engine would have given another memory
+    with pytest.raises(gradmem_fast.BackendUnavailable, match="half_sdpa"):
+        gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.5, backend="fast")
+
+
+def test_builtin_attention_replaced_is_caught(monkeypatch):
+    from transformers import AttentionInterface
+
+    for attn in ("eager", "sdpa"):
+        assert dispatch.attention_reason(tiny_model("llama", dtype=torch.float32, attn=attn)) is None
+    model = tiny_model("llama", dtype=torch.float32, attn="sdpa")
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", _half_attention)
+    assert "not transformers' own function" in dispatch.attention_reason(model)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "eager", _half_attention)
+    eager = tiny_model("llama", dtype=torch.float32, attn="eager")
+    assert "'eager' is replaced" in dispatch.attention_reason(eager)

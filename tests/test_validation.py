@@ -23,6 +23,15 @@ def write(setup, **changes):
     return gradmem_fast.write(**args)
 
 
+def _linear(out_features, value, bias=True, bias_value=0.0):
+    layer = nn.Linear(32, out_features, bias=bias).double()
+    with torch.no_grad():
+        layer.weight.fill_(value)
+        if bias:
+            layer.bias.fill_(bias_value)
+    return layer
+
+
 BAD_WRITES = [
     (dict(input_ids=torch.zeros(6, dtype=torch.long)), r"2-D integer tensor.*\(6,\)"),
     (dict(input_ids=torch.zeros(2, 6)), r"integer dtype, got torch.float32"),
@@ -49,6 +58,12 @@ BAD_WRITES = [
     (dict(write_head=nn.Linear(32, 61).double()), r"bias-free"),
     (dict(memory_proj=nn.Linear(32, 16).double()), r"memory_proj maps 32 -> 16, expected 32 -> 32"),
     (dict(memory_proj=torch.eye(32)), r"memory_proj must be None or an nn.Linear"),
+    (dict(write_head=torch.zeros(61, 32, dtype=torch.long)),
+     r"write_head must be a floating-point tensor, got torch.int64"),
+    (dict(write_head=torch.full((61, 32), math.nan, dtype=torch.float64)), r"write_head holds non-finite values"),
+    (dict(write_head=_linear(61, math.inf, bias=False)), r"write_head holds non-finite values"),
+    (dict(memory_proj=_linear(32, math.nan)), r"memory_proj.weight holds non-finite values"),
+    (dict(memory_proj=_linear(32, 0.0, bias_value=-math.inf)), r"memory_proj.bias holds non-finite values"),
 ]
 
 
@@ -84,3 +99,18 @@ def test_read_validates(setup):
         gradmem_fast.read(model, memory, ids, torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]))
     with pytest.raises(ValueError, match=r"memory rows 129 exceed the model's position limit 128"):
         gradmem_fast.memory_cache(model, torch.zeros(129, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("changes,message", BAD_WRITES[-5:], ids=[m for _, m in BAD_WRITES[-5:]])
+def test_reference_and_fast_check_head_and_projection_values(setup, changes, message):
+    for backend in ("reference", "fast"):
+        with pytest.raises(ValueError, match=message):
+            write(setup, backend=backend, **changes)
+
+
+def test_generate_and_read_check_projection_values(setup):
+    model, ids, mask, memory = setup
+    with pytest.raises(ValueError, match=r"memory_proj.weight holds non-finite values"):
+        gradmem_fast.read(model, memory, ids, mask, memory_proj=_linear(32, math.nan))
+    with pytest.raises(ValueError, match=r"memory_proj.weight holds non-finite values"):
+        gradmem_fast.generate(model, memory, ids, mask, memory_proj=_linear(32, math.nan), max_new_tokens=2)

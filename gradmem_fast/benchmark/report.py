@@ -4,6 +4,8 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
+from . import targets
+
 WRITERS = (("plain", "plain loop"), ("compiled", "compiled loop"), ("reference", "reference"),
            ("fast", "fast"), ("floor", "FLOP floor"))
 
@@ -37,6 +39,8 @@ def format_table(result):
             reason = c.get(f"{name}_reason")
             if c.get(f"{name}_ms") is None and reason:
                 lines.append(f"{c['case']}: {name} not measured: {reason}")
+    for c in result["cases"]:
+        lines += targets.format_checks(c)
     lines += result.get("notes") or []
     tests = result.get("gpu_tests")
     if tests:

@@ -1,5 +1,8 @@
-"""CUDA-graph path: per (model, B, bucketed T, m, dtypes, options) one captured prologue (the
-per-write constants) and one captured step, replayed K times; bounded LRU cache."""
+"""CUDA-graph path: per (model, B, bucketed T, head-row bucket R, m, dtypes, options) one captured
+prologue (the per-write constants) and one captured step, replayed K times; bounded LRU cache.
+
+Host syncs: a graph write reads one value on the host, the mask's real-token count (fast_write,
+before the prologue, to pick R); the replays of the K steps read nothing back."""
 import os
 import weakref
 from collections import OrderedDict
@@ -39,6 +42,13 @@ def head_rows_bucket(real_rows, total_rows):
     64 rows), so ragged batches skip most padding at the cost of at most 8 graphs per T bucket."""
     grain = max(64, -(-total_rows // 8))
     return min(total_rows, -(-real_rows // grain) * grain)
+
+
+def graph_shape(B, T, m, real_rows, limit=None):
+    """(Tb, R) of the graphs a batch of B rows of T tokens with real_rows real tokens replays: two
+    batches share a capture only if these agree (and the rest of `graph_key`)."""
+    Tb = bucket_length(T, m, limit)
+    return Tb, head_rows_bucket(real_rows, B * Tb)
 
 
 @dataclass
@@ -173,8 +183,7 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
     (B, K) when given."""
     B, T = input_ids.shape
     m = start.shape[1]
-    Tb = bucket_length(T, m, spec.max_positions)
-    R = head_rows_bucket(real_rows, B * Tb)
+    Tb, R = graph_shape(B, T, m, real_rows, spec.max_positions)
     key = graph_key(model, spec, signature, ops, B, Tb, R, m, start.dtype, write_head, memory_proj, clip_value,
                     clip_norm)
 

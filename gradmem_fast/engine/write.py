@@ -6,6 +6,7 @@ import torch
 from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
+from .second_order import meta_write, needs_meta_write
 from .specs import spec_of
 from .step import write_step
 
@@ -17,8 +18,6 @@ MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
     """None when fast_write can take this call, else why not (one string). seq_len: m + T when known."""
-    if grad_mode == "second":
-        return "grad_mode='second' (full second order) is not supported by the fast engine"
     try:
         from ..models import UnsupportedModel
     except ImportError as exc:
@@ -55,7 +54,7 @@ def _use_graphs(device, use_graphs):
 
 
 def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
-               clip_norm, grad_mode, return_losses, op_backend=None, use_graphs=None):
+               clip_norm, grad_mode, return_losses, op_backend=None, use_graphs=None, second_order_steps=None):
     """K = steps GradMem steps without autograd (arguments already validated by gradmem_fast.write).
 
     memory (1 or B, m, d); input_ids (B, T); attention_mask (B, T) right padded; write_head (V, d) or
@@ -64,11 +63,13 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     GRADMEM_FAST_CUDA_GRAPHS=0) replays a captured step. Returns M_K (B, m, d) in memory's dtype, and the
     (B, K) float32 per-step losses with return_losses.
     """
-    if grad_mode == "second":
-        raise NotImplementedError("grad_mode='second' (full second order) is not supported by the fast engine")
-    if grad_mode not in ("none", "first"):
+    if grad_mode not in ("none", "first", "second"):
         raise ValueError(f"unknown grad_mode {grad_mode!r}")
     ops = ops_for(_op_backend(op_backend))
+    if needs_meta_write(model, memory, grad_mode, return_losses, write_head, memory_proj):
+        return meta_write(model, memory, input_ids, attention_mask, steps=steps, lr=lr, write_head=write_head,
+                          memory_proj=memory_proj, clip_value=clip_value, clip_norm=clip_norm, grad_mode=grad_mode,
+                          return_losses=return_losses, ops=ops, second_order_steps=second_order_steps)
     B, T = input_ids.shape
     m = memory.shape[-2]
     start_view = memory.expand(B, m, memory.shape[-1])
@@ -77,8 +78,8 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     if return_losses:
         losses = torch.empty(B, steps, dtype=torch.float32, device=input_ids.device)
     if steps > 0:
-        # only rows that predict a real token reach the head: their count is read once, before any step
-        # (the mask's values were already read by the argument checks)
+        # only rows that predict a real token reach the head: their count is the one host read of a
+        # write, before any step (the argument checks already read the mask); the steps read nothing back
         real_rows = B * T if attention_mask is None else int(attention_mask.sum())
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -1,6 +1,4 @@
 """Running a Hugging Face causal LM on `[memory; tokens]` the way the plain PyTorch loop does."""
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -50,24 +48,3 @@ def per_sample_loss(model, memory_in, input_ids, attention_mask, write_head=None
     real = attention_mask.bool()
     ce = torch.where(real, ce, torch.zeros_like(ce))
     return ce.sum(dim=1) / real.sum(dim=1).to(ce.dtype)
-
-
-@contextlib.contextmanager
-def eager_attention(model):
-    """Temporarily switch the model to eager attention, which can be differentiated twice."""
-    previous = model.config._attn_implementation
-    if previous == "eager":
-        yield
-        return
-    _set_attention(model, "eager")
-    try:
-        yield
-    finally:
-        _set_attention(model, previous)
-
-
-def _set_attention(model, implementation):
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(implementation)
-    else:
-        model.config._attn_implementation = implementation

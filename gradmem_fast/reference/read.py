@@ -1,4 +1,6 @@
 """Answering from memory: teacher-forced logits after the memory, and the memory as a KV cache."""
+import inspect
+
 import torch
 
 from .. import validation
@@ -23,13 +25,18 @@ def read(model, memory, input_ids, attention_mask=None, *, memory_proj=None):
 
 
 def memory_cache(model, memory, *, memory_proj=None):
-    """A transformers Cache holding the memory's keys and values at every layer.
+    """A transformers Cache holding the memory's keys and values at every layer, for driving the model yourself.
 
-    `model(input_ids=q, past_key_values=cache)` and `model.generate(input_ids=q, past_key_values=cache)`
-    then continue from the memory without recomputing it; positions continue after the m memory rows.
-    When passing an attention_mask with the query, it must cover the memory too: (B, m + Tq).
-    The cache grows as the model consumes tokens: build one per query (or copy.deepcopy it).
-    Computed without gradients.
+    `model(input_ids=q, **{cache_keyword(model): cache})` continues from the memory without
+    recomputing it; positions continue after the m memory rows. The cache's batch is the memory's:
+    pass a (B, m, d) memory (expand an (m, d) one) for a batch of B queries. Any attention mask passed
+    with the query must cover the memory too: (B, m + Tq), ones over the memory columns.
+    `model.generate` needs that mask even for unpadded queries: it reads the mask's length to tell
+    cached from new tokens, and without it takes the first m query tokens as already cached (wrong
+    tokens, or an error when Tq <= m); right-padded query rows would also continue after their padding.
+    `gradmem_fast.generate` handles all of this. The cache grows as the model consumes tokens: build
+    one per query (or copy.deepcopy it); never reuse one across generate calls. Computed without
+    gradients.
     """
     if isinstance(memory, torch.Tensor) and memory.dim() == 2:
         memory = memory.unsqueeze(0)
@@ -45,4 +52,17 @@ def memory_cache(model, memory, *, memory_proj=None):
         dtype = model.get_input_embeddings().weight.dtype
         positions = torch.arange(m, device=memory.device).unsqueeze(0).expand(memory.shape[0], -1)
         out = model(inputs_embeds=memory_in.to(dtype), position_ids=positions, use_cache=True)
-    return out.past_key_values
+    return output_cache(out)
+
+
+def cache_keyword(model):
+    """The keyword under which the installed transformers takes a KV cache: "cache" or "past_key_values"."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The cache a forward returned, under either name (transformers renamed past_key_values to cache)."""
+    if "cache" in output:
+        return output["cache"]
+    return output["past_key_values"]

@@ -1,39 +1,32 @@
-"""The standard cases match the performance guide's table; models build as the cases say."""
+"""The standard cases and targets match benchmarks/PERFORMANCE.md; models build as the cases say."""
 import os
 
 import pytest
 import torch
 
-from gradmem_fast.benchmark import cases
+from gradmem_fast.benchmark import cases, targets
 
-# The "Standard cases" table of PERFORMANCE.md, verbatim.
-TABLE = """
-| gpt2-latency | GPT-2 small (12 layers, d 768, 12 heads, vocab 50257) | 1 | 512 | 16 | bf16 |
-| gpt2-batch | GPT-2 small | 16 | 1008 | 16 | bf16 |
-| llama1b-latency | Llama-3.2-1B shape (16 layers, d 2048, 32 heads, 8 kv heads, FFN 8192, vocab 128256, tied head) | 1 | 1024 | 16 | bf16 |
-| llama1b-batch | Llama-3.2-1B shape | 8 | 2048 | 16 | bf16 |
-| kv-paper | Llama, 4 layers, d 128, 4 heads, FFN 512, vocab 70 (the paper's KV-retrieval model) | 64 | 897 | 8 | fp32 |
-| kv-latency | same | 1 | 897 | 8 | fp32 |
-"""
 CONFIG_OF = {"gpt2": "gpt2-small", "llama1b": "llama1b", "kv": "kv"}
+PERFORMANCE_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks",
+                              "PERFORMANCE.md")
 
 
-def _rows(text):
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in text.strip().splitlines()]
+def _section(title):
+    """The table rows of the section `## title` of benchmarks/PERFORMANCE.md, header and rule dropped."""
+    with open(PERFORMANCE_MD) as f:
+        text = f.read()
+    section = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("|")]
+    return rows[2:]
 
 
-def _performance_md():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in (os.environ.get("GRADMEM_PERFORMANCE_MD"), os.path.join(here, "..", "..", "PERFORMANCE.md"),
-                 os.path.join(here, "..", "..", "..", "shared", "PERFORMANCE.md")):
-        if path and os.path.isfile(path):
-            return path
-    return None
+def _number(cell):
+    return None if cell == "-" else float(cell)
 
 
-def test_case_table_matches_the_guide():
-    rows = _rows(TABLE)
+def test_case_table_matches_the_cases():
+    rows = _section("Standard cases")
     assert [r[0] for r in rows] == list(cases.CASE_NAMES)
     for row in rows:
         case = cases.get_case(row[0])
@@ -41,16 +34,29 @@ def test_case_table_matches_the_guide():
         assert case.config == CONFIG_OF[row[0].split("-")[0]]
 
 
-def test_table_copy_is_the_guides_table():
-    path = _performance_md()
-    if path is None:
-        pytest.skip("PERFORMANCE.md not found (set GRADMEM_PERFORMANCE_MD)")
-    with open(path) as f:
-        text = f.read()
-    section = text.split("## Standard cases", 1)[1].split("##", 1)[0]
-    doc_rows = [r for r in _rows("\n".join(l for l in section.splitlines() if l.startswith("|")))
-                if r[0] in cases.CASE_NAMES]
-    assert doc_rows == _rows(TABLE)
+def test_target_table_matches_the_data():
+    rows = _section("Targets for the fast writer (same run, same card)")
+    assert [r[0] for r in rows] == list(cases.CASE_NAMES)
+    for row in rows:
+        t = targets.get_target(row[0])
+        assert [_number(c) for c in row[1:]] == [t.fast_over_floor_max, t.plain_over_fast_min,
+                                                   t.compiled_over_fast_min, t.peak_over_plain_max]
+
+
+def test_baseline_table_matches_the_data():
+    rows = _section("The plain loop on an H200")
+    assert {r[0]: tuple(_number(c) for c in r[1:]) for r in rows} == targets.PLAIN_LOOP_H200
+
+
+def test_target_checks_say_met_missed_and_unmeasured():
+    entry = {"case": "gpt2-latency", "fast_over_floor": 2.5, "plain_over_fast": 10.0,
+             "compiled_over_fast": None, "fast_peak_over_plain": 0.5}
+    lines = targets.format_checks(entry)
+    assert lines == ["gpt2-latency: fast_over_floor 2.50 (target <= 3) met",
+                     "gpt2-latency: plain_over_fast 10.00 (target >= 12) MISSED",
+                     "gpt2-latency: compiled_over_fast - (target >= 2) unmeasured",
+                     "gpt2-latency: fast_peak_over_plain 0.50 (target <= 1) met"]
+    assert targets.format_checks({"case": "not-a-case"}) == []
 
 
 @pytest.mark.parametrize("name, layers, d, heads, kv_heads, ffn, vocab, tied", [

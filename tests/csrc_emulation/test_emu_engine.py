@@ -25,6 +25,7 @@ TWINS = {  # every op the engine calls: its twin must never run here
 }
 
 
+@pytest.mark.needs_triton
 @pytest.mark.parametrize("family, B, T, lengths, m, steps, options", [
     ("llama", 2, 9, [9, 4], 3, 2, ()),
     ("qwen2", 1, 6, None, 2, 2, ("clip_norm",)),

@@ -107,15 +107,16 @@ def test_memory_dtype_differs_from_model():
     assert rel_err(out, ref) < TOL_FP32 and rel_err(losses, ref_losses) < TOL_FP32
 
 
-def test_second_order_is_refused():
+def test_second_order_is_taken():
+    """The forward of a second-order write is the first-order write (its gradients: test_engine_second_order)."""
     model32, _ = model_pair("llama")
     ids, mask, memory = random_batch(model32, 1, 4, m=2)
-    reason = fast_reason(model32, memory, write_head=None, memory_proj=None, grad_mode="second")
-    assert reason is not None and "second" in reason
-    assert fast_reason(model32, memory, write_head=None, memory_proj=None, grad_mode="first") is None
-    with pytest.raises(NotImplementedError, match="second"):
-        fast_write(model32, memory[None], ids, mask, steps=1, lr=0.1, grad_mode="second", return_losses=False,
-                   **fast_kwargs({}))
+    for mode in ("none", "first", "second"):
+        assert fast_reason(model32, memory, write_head=None, memory_proj=None, grad_mode=mode) is None
+    kw = dict(steps=2, lr=0.1, return_losses=True, op_backend="reference", **fast_kwargs({}))
+    out, losses = fast_write(model32, memory[None], ids, mask, grad_mode="second", **kw)
+    expected, expected_losses = fast_write(model32, memory[None], ids, mask, grad_mode="none", **kw)
+    assert torch.equal(out, expected) and torch.equal(losses, expected_losses)
 
 
 def test_bad_op_backend():

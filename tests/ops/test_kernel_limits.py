@@ -309,21 +309,78 @@ def test_gpu_fp32_attention_precision(monkeypatch, autotune, D, fp32_precision, 
         assert max(errors) > 1e-5, errors  # the switch reached the kernels
 
 
-@pytest.mark.parametrize("kind, shapes", [("fwd", "FWD_SHAPES"), ("dkdv", "DKDV_SHAPES"), ("dq", "DQ_SHAPES")])
-def test_fp32_autotuning_keeps_the_default_and_smaller_tiles(kind, shapes):
+def _tuned_tables():
+    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+
+    return {"fwd": (A.FWD_SHAPES, A.DEFAULT_SHAPES["fwd"]), "dkdv": (A.DKDV_SHAPES, A.DEFAULT_SHAPES["dkdv"]),
+            "dq": (A.DQ_SHAPES, A.DEFAULT_SHAPES["dq"]), "ctx": (L0.CTX_SHAPES, L0.DEFAULT_SHAPES["ctx"]),
+            "mem_dkdv": (L0.MEM_DKDV_SHAPES, L0.DEFAULT_SHAPES["mem_dkdv"])}
+
+
+def _shape(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_autotuners_get_every_candidate_whatever_the_switch(monkeypatch, switch):
+    """Triton runs a one-config autotuner without pruning it: a list collapsed to the 16-bit default
+    when GRADMEM_FAST_AUTOTUNE=0 at import would launch that tile on fp32 at D = 128 once the switch
+    is turned on (294,912 B of shared memory for the dQ kernel, over sm_90's 232,448)."""
+    from gradmem_fast.kernels import attention as A
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", switch)
+    for kind, (shapes, _) in _tuned_tables().items():
+        assert [_shape(c) for c in A.configs(shapes)] == list(shapes), kind
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "ctx", "mem_dkdv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+def test_autotuning_is_pruned_by_dtype_and_head_dim(kind, dtype, D):
+    """The per-(dtype, head dim) default first; for fp32 only smaller tiles after it, for 16-bit every
+    other candidate. A list holding only another dtype's tile still gives the right default."""
     import triton
 
     from gradmem_fast.kernels import attention as A
 
-    candidates = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                  for bm, bn, w, s in getattr(A, shapes)]
-    prune = A.fp32_prune(A.DEFAULT_SHAPES[kind])
-    for D in (32, 128):
-        bm, bn, w, s = A.DEFAULT_SHAPES[kind][(True, D)]
-        first, *rest = prune(candidates, {"Q": torch.empty(0)}, BLOCK_D=D)
-        assert (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages) == (bm, bn, w, s)
-        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn for c in rest)
-        assert prune(candidates, {"Q": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_D=D) == candidates
+    shapes, table = _tuned_tables()[kind]
+    candidates = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    prune = A.tile_prune(table)
+    default = table[(dtype == torch.float32, D)]
+    nargs = {"Q": torch.empty(0, dtype=dtype), "LENGTHS": torch.empty(0, dtype=torch.int32)}
+    first, *rest = [_shape(c) for c in prune(candidates, nargs, BLOCK_D=D)]
+    assert first == default
+    assert default not in rest and len(set(rest)) == len(rest)
+    if dtype == torch.float32:
+        assert rest == [s for s in shapes if s[0] * s[1] < default[0] * default[1]]
+    else:
+        assert rest == [s for s in shapes if s != default]
+    other = table[(dtype != torch.float32, D)]
+    lone = [triton.Config({"BLOCK_M": other[0], "BLOCK_N": other[1]}, num_warps=other[2], num_stages=other[3])]
+    pruned = [_shape(c) for c in prune(lone, nargs, BLOCK_D=D)]
+    assert pruned[0] == default
+    if dtype == torch.float32:
+        assert all(s[0] * s[1] < default[0] * default[1] for s in pruned[1:])
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_fp32_launches_stay_within_the_fp32_default_with_autotuning_on(launches, monkeypatch, D):
+    """With the switch on, every fp32 launch of a tuned kernel is the fp32 default or a smaller tile."""
+    from gradmem_fast.kernels import attention as A
+
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "1")
+    run_attention(2, 272, 8, 2, D, torch.float32)
+    names = {"_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "dkdv", "_bwd_dq_kernel": "dq", "_ctx_fwd_kernel": "ctx",
+             "_mem_dkdv_kernel": "mem_dkdv"}
+    tables = _tuned_tables()
+    seen = set()
+    for launch in launches:
+        if launch.name in names:
+            seen.add(launch.name)
+            bm, bn, _, _ = tables[names[launch.name]][1][(True, A.block_d(D))]
+            assert launch.kwargs["BLOCK_M"] * launch.kwargs["BLOCK_N"] <= bm * bn, launch.name
+    assert seen == set(names)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6)])

@@ -1,0 +1,221 @@
+"""Meta-gradients through the fast write (engine.second_order) against the float64 reference's autograd.
+
+The fast write runs in float32 (its steps on the ops' twins, op_backend "reference": the backward recomputes
+each step with the twins, which autograd differentiates twice); the reference runs the same model upcast to
+float64 with Hugging Face's float32 casts lifted (models.hf64). Every gradient is compared: the initial
+memory, every model parameter, the write head and the projection's weight and bias.
+"""
+import copy
+import weakref
+
+import pytest
+import torch
+
+import gradmem_fast
+from engine_cases import cast, fast_kwargs, make_options
+from gradmem_fast.engine import fast_write
+from gradmem_fast.engine.second_order import meta_parameters
+from helpers import random_batch, rel_err, tiny_model
+from models.hf64 import hf_float64
+
+TOL_FP32 = 1e-4
+
+
+def _models(family, seed):
+    model64 = tiny_model(family, dtype=torch.float64, seed=seed)
+    model32 = copy.deepcopy(model64).float()
+    model64.requires_grad_(True)
+    model32.requires_grad_(True)
+    return model32, model64
+
+
+def _trainable(options):
+    """The options with the write head and the projection requiring grad; (options, their tensors)."""
+    tensors = []
+    if "write_head" in options:
+        options["write_head"] = options["write_head"].clone().requires_grad_(True)
+        tensors.append(options["write_head"])
+    if "memory_proj" in options:
+        options["memory_proj"].requires_grad_(True)
+        tensors += [options["memory_proj"].weight, options["memory_proj"].bias]
+    return options, tensors
+
+
+def _outer(out, losses, seed):
+    """A fixed random outer loss of M_K and of every inner loss."""
+    g = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    w_loss = torch.randn(losses.shape, generator=g, dtype=torch.float64)
+    return (out.double() * w_out).sum() + (losses.double() * w_loss).sum()
+
+
+def meta_both(family, *, B, T, lengths, m, steps, second_order_steps, option_names=(), grad_mode="second",
+              per_sample_memory=False, lr=0.4, seed=0):
+    """{name: (fast fp32 gradient, reference fp64 gradient)} of one outer loss, and the written memories."""
+    model32, model64 = _models(family, seed)
+    ids, mask, memory = random_batch(model64, B, T, lengths=lengths, seed=seed + 1, m=m)
+    memory = memory[None]
+    if per_sample_memory:
+        g = torch.Generator().manual_seed(seed + 2)
+        memory = memory + 0.1 * torch.randn(B, *memory.shape[1:], generator=g, dtype=torch.float64)
+    options64 = make_options(model64, option_names, seed=seed + 3)
+    options32, extra32 = _trainable(cast(options64, torch.float32))
+    options64, extra64 = _trainable(options64)
+    names = ["memory"] + [n for n, _ in model64.named_parameters()] + [f"option{i}" for i in range(len(extra64))]
+    kw = dict(steps=steps, lr=lr, grad_mode=grad_mode, return_losses=True)
+    if grad_mode == "second":
+        kw["second_order_steps"] = second_order_steps
+
+    start64 = memory.clone().requires_grad_(True)
+    with hf_float64(model64):
+        ref, ref_losses = gradmem_fast.reference.write(model64, start64, ids, mask, **kw, **options64)
+        ref_grads = torch.autograd.grad(_outer(ref, ref_losses, seed), [start64, *model64.parameters(), *extra64],
+                                        allow_unused=True)
+
+    start32 = memory.float().clone().requires_grad_(True)
+    out, losses = fast_write(model32, start32, ids, mask, op_backend="reference", **kw,
+                             **fast_kwargs(options32))
+    assert out.requires_grad and losses.requires_grad
+    grads = torch.autograd.grad(_outer(out, losses, seed), [start32, *model32.parameters(), *extra32],
+                                allow_unused=True)
+    assert rel_err(out.detach(), ref.detach()) < TOL_FP32
+    assert rel_err(losses.detach(), ref_losses.detach()) < TOL_FP32
+    return dict(zip(names, zip(grads, ref_grads)))
+
+
+def check_gradients(pairs):
+    for name, (got, want) in pairs.items():
+        if want is None:  # not used by the write (the LM head beside a write head)
+            assert got is None, name
+            continue
+        assert got.shape == want.shape, name
+        assert want.abs().max() > 0, f"{name}: the reference gradient is zero, the check would be empty"
+        assert rel_err(got, want) < TOL_FP32, f"{name}: {rel_err(got, want):.3g}"
+
+
+# (family, B, T, lengths, m, K, second_order_steps, options, per-sample memory)
+CASES = [
+    ("llama", 2, 7, [7, 4], 3, 2, None, ("write_head", "memory_proj"), False),
+    ("gpt2", 2, 6, [6, 3], 2, 2, None, ("write_head", "memory_proj"), False),
+    ("gpt_neox", 2, 6, [4, 6], 3, 2, 1, ("memory_proj",), True),
+    ("qwen2", 1, 7, None, 2, 1, None, ("write_head",), False),
+    ("llama", 1, 6, None, 2, 5, 1, ("clip_value",), False),
+    ("gpt2", 3, 5, [5, 2, 4], 2, 5, None, ("clip_norm",), False),
+    ("qwen2", 2, 6, [6, 5], 4, 2, 1, ("clip_value", "clip_norm", "memory_proj"), True),
+    ("gpt_neox", 1, 5, None, 1, 1, None, ("write_head", "clip_norm"), False),
+]
+
+
+@pytest.mark.parametrize("family, B, T, lengths, m, steps, second_order_steps, option_names, per_sample", CASES)
+def test_second_order_gradients_match_reference(family, B, T, lengths, m, steps, second_order_steps,
+                                                option_names, per_sample):
+    pairs = meta_both(family, B=B, T=T, lengths=lengths, m=m, steps=steps, second_order_steps=second_order_steps,
+                      option_names=option_names, per_sample_memory=per_sample, seed=len(option_names) + steps)
+    check_gradients(pairs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_first_order_losses_are_differentiable(family):
+    pairs = meta_both(family, B=2, T=6, lengths=[6, 3], m=2, steps=2, second_order_steps=None,
+                      option_names=("write_head",), grad_mode="first", seed=4)
+    check_gradients(pairs)
+
+
+def test_clipping_is_active_in_the_checks():
+    """The clip settings of CASES bind: a clipped write differs from the plain one (so the gradient checks
+    of clip_value and clip_norm test the clip's derivative)."""
+    model = tiny_model("llama", dtype=torch.float32, seed=3)
+    ids, mask, memory = random_batch(model, 1, 6, m=2, seed=4)
+    plain = fast_write(model, memory[None], ids, mask, steps=1, lr=0.4, grad_mode="none", return_losses=False,
+                       op_backend="reference", **fast_kwargs({}))
+    for option in ("clip_value", "clip_norm"):
+        clipped = fast_write(model, memory[None], ids, mask, steps=1, lr=0.4, grad_mode="none", return_losses=False,
+                             op_backend="reference", **fast_kwargs(make_options(model, (option,))))
+        assert rel_err(clipped, plain) > 1e-3
+
+
+def test_frozen_parameters_get_nothing():
+    model = tiny_model("gpt2", dtype=torch.float32, seed=2)  # every parameter frozen
+    ids, mask, memory = random_batch(model, 2, 5, lengths=[5, 3], m=2, seed=3)
+    assert meta_parameters(model, None, None) == []
+    start = memory[None].clone().requires_grad_(True)
+    out = fast_write(model, start, ids, mask, steps=2, lr=0.3, grad_mode="second", return_losses=False,
+                     op_backend="reference", **fast_kwargs({}))
+    out.square().sum().backward()
+    assert start.grad is not None and torch.isfinite(start.grad).all()
+    assert all(p.grad is None for p in model.parameters())
+
+
+class SavedBytes:
+    """saved_tensors_hooks that track the bytes autograd keeps saved: live now and the peak."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def _release(self, n):
+        self.live -= n
+
+    def pack(self, t):
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        holder = [t]
+        box = _Box(holder)
+        weakref.finalize(box, self._release, n)
+        return box
+
+    @staticmethod
+    def unpack(box):
+        return box.holder[0]
+
+
+class _Box:
+    def __init__(self, holder):
+        self.holder = holder
+
+
+def _peak_saved_bytes(write, steps):
+    model = tiny_model("llama", dtype=torch.float32, seed=6)
+    model.requires_grad_(True)
+    ids, mask, memory = random_batch(model, 2, 12, lengths=[12, 8], m=4, seed=7)
+    start = memory[None].clone().requires_grad_(True)
+    counter = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        out, losses = write(model, start, ids, mask, steps=steps, lr=0.3, grad_mode="second", return_losses=True)
+        (out.square().sum() + losses[:, -1].sum()).backward()
+    return counter.peak, out.numel() * out.element_size()
+
+
+def _fast(model, start, ids, mask, **kw):
+    return fast_write(model, start, ids, mask, op_backend="reference", **fast_kwargs({}), **kw)
+
+
+def test_saved_memory_is_flat_in_steps():
+    """Peak bytes saved by autograd over forward and backward: the fast write's grow by exactly the extra
+    memories M_k it keeps (B*m*d each), the reference loop's by whole steps of activations."""
+    fast2, memory_bytes = _peak_saved_bytes(_fast, 2)
+    fast8, _ = _peak_saved_bytes(_fast, 8)
+    ref2, _ = _peak_saved_bytes(gradmem_fast.reference.write, 2)
+    ref8, _ = _peak_saved_bytes(gradmem_fast.reference.write, 8)
+    assert fast2 > 50 * memory_bytes  # the backward's recomputed step graph is counted too
+    assert fast8 - fast2 <= 6 * memory_bytes
+    one_step = (ref8 - ref2) / 6
+    assert one_step > 50 * memory_bytes  # the reference keeps every step's activations: a real difference
+    assert fast2 < ref2 and fast8 < 0.5 * ref8
+
+
+def test_first_order_result_reaches_only_the_memory():
+    """Under "first" with differentiable losses, M_K's graph is the identity to M0, as in the reference."""
+    model = tiny_model("gpt2", dtype=torch.float32, seed=4)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    ids, mask, memory = random_batch(model, 2, 5, m=2, seed=5)
+    out, losses = fast_write(model, memory[None], ids, mask, steps=2, lr=0.3, grad_mode="first", return_losses=True,
+                             op_backend="reference", **fast_kwargs({}))
+    assert not out.requires_grad and losses.requires_grad
+    start = memory[None].clone().requires_grad_(True)
+    out = fast_write(model, start, ids, mask, steps=2, lr=0.3, grad_mode="first", return_losses=True,
+                     op_backend="reference", **fast_kwargs({}))[0]
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.allclose(start.grad, weights.sum(0, keepdim=True), rtol=0, atol=1e-6)
+    assert model.get_input_embeddings().weight.grad is None
