@@ -6,7 +6,6 @@ on the context and reads the query from the written memory; with grad_mode="seco
 loss backpropagates through every write step into M0, the LM, the write head and the projection.
 It works in a plain loop and under transformers.Trainer (batch keys = forward's argument names).
 """
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -37,17 +36,13 @@ class GradMemLMOutput(ModelOutput):
     inner_losses: Optional[torch.Tensor] = None
 
 
-def write_accepts_second_order_steps():
-    return "second_order_steps" in inspect.signature(api.write).parameters
-
-
 class GradMemLM(nn.Module):
     """A Hugging Face causal LM wrapped with a learned initial memory and the GradMem write.
 
     model: the causal LM (a submodule). memory_size: m rows of the LM's hidden size d.
     steps, lr: K write steps of size lr (forward's `steps` overrides K per call).
     grad_mode: "none" | "first" | "second" (see gradmem_fast.write); second_order_steps: only the
-    last j steps second order (None: all), passed to write only when set.
+    last j steps second order (None: all).
     write_head: True adds a separate (V, d) head for the write loss, a copy of the LM head.
     memory_proj: True adds a Linear(d, d), identity weight and zero bias, applied to the memory.
     clip_value, clip_norm: per-step gradient clipping of the write. inner_loss_weight: the loss adds
@@ -78,9 +73,6 @@ class GradMemLM(nn.Module):
                     or not 0 <= second_order_steps <= steps:
                 raise ValueError(f"second_order_steps must be an int in [0, steps={steps}], "
                                  f"got {second_order_steps!r}")
-            if not write_accepts_second_order_steps():
-                raise ValueError(f"second_order_steps={second_order_steps!r} needs a gradmem_fast.write "
-                                 "that accepts it; this version's write does not")
         self.model = model
         self.memory_size, self.steps, self.lr, self.grad_mode = memory_size, steps, float(lr), grad_mode
         self.second_order_steps, self.clip_value, self.clip_norm = second_order_steps, clip_value, clip_norm
@@ -113,13 +105,13 @@ class GradMemLM(nn.Module):
 
     def _write(self, context_ids, context_mask, steps):
         steps = self.steps if steps is None else steps
-        options = dict(steps=steps, lr=self.lr, write_head=self.write_head, memory_proj=self.memory_proj,
-                       clip_value=self.clip_value, clip_norm=self.clip_norm, grad_mode=self.grad_mode,
-                       backend=self.backend, return_losses=True)
-        if self.second_order_steps is not None:
-            # the last j steps are second order; keep j <= K when a call asks for fewer steps
-            options["second_order_steps"] = min(self.second_order_steps, steps)
-        return api.write(self.model, self.memory, context_ids, context_mask, **options)
+        second_order_steps = self.second_order_steps
+        if second_order_steps is not None and isinstance(steps, int):
+            second_order_steps = min(second_order_steps, steps)  # the last j steps; a call may ask for fewer
+        return api.write(self.model, self.memory, context_ids, context_mask, steps=steps, lr=self.lr,
+                         write_head=self.write_head, memory_proj=self.memory_proj, clip_value=self.clip_value,
+                         clip_norm=self.clip_norm, grad_mode=self.grad_mode, second_order_steps=second_order_steps,
+                         backend=self.backend, return_losses=True)
 
     def write(self, context_ids, context_mask=None, steps=None):
         """The written memory (B, m, d) for the context (B, Tc) with its right-padded mask."""
@@ -168,14 +160,8 @@ class GradMemLM(nn.Module):
 
     def generate(self, memory, input_ids, attention_mask=None, **generate_kwargs):
         """Generate after the written memory (B, m, d); returns what model.generate returns."""
-        import gradmem_fast
-
-        generate = getattr(gradmem_fast, "generate", None)
-        if generate is None:
-            raise NotImplementedError("GradMemLM.generate needs gradmem_fast.generate, which this version "
-                                      "lacks; use gradmem_fast.read for teacher-forced logits")
-        return generate(self.model, memory, input_ids, attention_mask, memory_proj=self.memory_proj,
-                        **generate_kwargs)
+        return api.generate(self.model, memory, input_ids, attention_mask, memory_proj=self.memory_proj,
+                            **generate_kwargs)
 
     def own_state_dict(self):
         """The module's own tensors (memory, write head, projection), without the LM's."""

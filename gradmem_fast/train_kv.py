@@ -265,6 +265,11 @@ def main(argv=None):
         return run(argv)
     parser = argparse.ArgumentParser(prog="python -m gradmem_fast train-kv", description=__doc__.splitlines()[0])
     args = add_arguments(parser).parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        check_args(args)
+    except ValueError as exc:  # a usage error: one line and exit status 2, as the other commands do
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     return run(args)
 
 

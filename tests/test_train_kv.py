@@ -44,8 +44,12 @@ def test_add_parser_registers_the_subcommand():
 
 
 @pytest.mark.parametrize("flag, value", [("--pairs", "0"), ("--batch", "0"), ("--steps", "0")])
-def test_bad_arguments_raise_value_error(tmp_path, flag, value):
+def test_bad_arguments_exit_two_on_the_command_line_and_raise_in_run(tmp_path, capsys, flag, value):
     argv = TINY + ["--train-steps", "1", "--out", str(tmp_path)]
     argv[argv.index(flag) + 1] = value
-    with pytest.raises(ValueError, match=flag.lstrip("-")):
-        train_kv.main(argv)
+    assert train_kv.main(argv) == 2
+    assert f"error: {flag} must be >= 1, got {value}" in capsys.readouterr().err
+    parser = train_kv.add_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match=flag):
+        train_kv.run(parser.parse_args(argv))
+    assert not (tmp_path / "metrics.json").exists()
