@@ -10,11 +10,9 @@ import functools
 import glob
 import importlib
 import os
-import warnings
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
-BACKENDS = ("auto", "kernel", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,34 +62,24 @@ def cuda_op_reason(*tensors):
     return reason()
 
 
-_warned = set()
-
-
 def use_kernel(backend, op, *tensors, why=None):
-    """Whether `op` runs its csrc kernel on these tensors under `backend`; `why` is an op-specific
-    reason (dtype mix, shape) the kernel cannot take the call, or None.
+    """Whether `op` runs its csrc kernel on these tensors under `backend` (the policy of gradmem_fast.backends);
+    `why` is an op-specific reason (dtype mix, shape) the kernel cannot take the call, or None.
 
-    "auto" takes the kernel when it can run (CUDA tensors, extension built, fp32/fp16/bf16),
-    else the pure-PyTorch twin; "kernel" raises RuntimeError with the reason when it cannot run;
-    "reference" always takes the twin.
+    "auto" takes the kernel when it can run (CUDA tensors, extension built, fp32/fp16/bf16), else the
+    pure-PyTorch twin, warning once unless the tensors are on the CPU (the twin by design); "kernel" raises
+    RuntimeError with the reason when it cannot run; "reference" always takes the twin.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
+    from .backends import check_op_backend, on_host, use_kernel as choose
+
+    if check_op_backend(backend) == "reference":
         return False
-    if why is None:
-        why = cuda_op_reason(*tensors)
-    if why is None:
+    reason = why or cuda_op_reason(*tensors)
+    if reason is None:
         for t in tensors:
             if t is not None and t.is_floating_point() and str(t.dtype).replace("torch.", "") not in KERNEL_DTYPES:
-                why = f"dtype {t.dtype} (csrc kernels take float32, float16, bfloat16)"
+                reason = f"dtype {t.dtype} (csrc kernels take float32, float16, bfloat16)"
                 break
-    if why is None:
-        return True
-    if backend == "kernel":
-        raise RuntimeError(f"{op}: the csrc kernel cannot run: {why}")
-    on_cuda = any(t is not None and t.device.type == "cuda" for t in tensors)
-    if on_cuda and (op, why) not in _warned:  # CPU tensors take the twins by design: no warning
-        _warned.add((op, why))
-        warnings.warn(f"{op}: the csrc kernel cannot run ({why}); using the PyTorch twin", stacklevel=3)
-    return False
+    if reason is not None and not any(t is not None and t.device.type == "cuda" for t in tensors):
+        reason = on_host(reason)  # CPU tensors take the twins by design: no warning
+    return choose(backend, op, reason, "csrc kernel")

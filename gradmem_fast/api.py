@@ -42,7 +42,8 @@ def write(model, memory, input_ids, attention_mask=None, *, steps, lr, write_hea
                    clip_norm=clip_norm, grad_mode=grad_mode, second_order_steps=second_order_steps,
                    return_losses=return_losses)
     chosen = dispatch.choose_write_backend(backend, model, memory, write_head=head, memory_proj=memory_proj,
-                                           grad_mode=grad_mode, seq_len=memory.shape[1] + input_ids.shape[1])
+                                           grad_mode=grad_mode, seq_len=memory.shape[1] + input_ids.shape[1],
+                                           return_losses=return_losses)
     if chosen == "fast":
         from .engine import fast_write
 

@@ -8,15 +8,14 @@ the engine runs the PyTorch twins of its kernels and was measured slower than th
 `explain`, which says which backend a call gets and why).
 """
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .validation import BACKENDS
+from .backends import ENV_WRITE_BACKEND as ENV_BACKEND
+from .backends import WRITE_BACKENDS as BACKENDS
+from .backends import warn_once
 
-ENV_BACKEND = "GRADMEM_FAST_BACKEND"
-_warned = set()
 
 # config fields that hold a dropout probability; summary_* and classifier_* feed heads a causal LM lacks
 _DROPOUT_WORDS = ("dropout", "pdrop")
@@ -127,7 +126,7 @@ def device_preference(model):
             "the engine")
 
 
-def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None, return_losses=False):
     """Why the fast engine cannot take this call: a list of strings, empty when it can."""
     reasons = []
     for reason in (dropout_reason(model), attention_reason(model)):
@@ -137,38 +136,36 @@ def fast_reasons(model, memory, *, write_head, memory_proj, grad_mode, seq_len=N
         from . import engine
     except ImportError as exc:
         return reasons + [f"the fast engine could not be imported ({exc})"]
-    if not hasattr(engine, "fast_reason"):
-        return reasons + ["the fast engine is not built into this version"]
     reason = engine.fast_reason(model, memory, write_head=write_head, memory_proj=memory_proj,
-                                grad_mode=grad_mode, seq_len=seq_len)
+                                grad_mode=grad_mode, seq_len=seq_len, return_losses=return_losses)
     if reason is not None and reason not in reasons:
         reasons.append(reason)
     return reasons
 
 
-def decide(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def decide(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None, return_losses=False):
     """The BackendChoice for this call, without warning or raising. seq_len: memory rows + context tokens."""
     backend = requested_backend(backend)
     if backend == "reference":
         return BackendChoice(backend, "reference", ())
     blockers = tuple(fast_reasons(model, memory, write_head=write_head, memory_proj=memory_proj,
-                                  grad_mode=grad_mode, seq_len=seq_len))
+                                  grad_mode=grad_mode, seq_len=seq_len, return_losses=return_losses))
     if blockers:
         return BackendChoice(backend, "reference", blockers)
     preference = device_preference(model) if backend == "auto" else None
     return BackendChoice(backend, "reference" if preference else "fast", (), preference)
 
 
-def choose_write_backend(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def choose_write_backend(backend, model, memory, *, write_head, memory_proj, grad_mode, seq_len=None,
+                         return_losses=False):
     """'fast' or 'reference' for this call; raises for backend='fast' when the engine cannot take it."""
     choice = decide(backend, model, memory, write_head=write_head, memory_proj=memory_proj, grad_mode=grad_mode,
-                    seq_len=seq_len)
+                    seq_len=seq_len, return_losses=return_losses)
     if not choice.blockers:
         return choice.backend
     message = "; ".join(choice.blockers)
     if choice.requested == "fast":
         raise BackendUnavailable(f"backend='fast' cannot run this write: {message}")
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(f"gradmem_fast.write falls back to the reference backend: {message}", stacklevel=3)
+    warn_once(("write", message), f"gradmem_fast.write falls back to the reference backend: {message}",
+              stacklevel=3)
     return "reference"

@@ -8,7 +8,8 @@ import numbers
 import torch
 from torch import nn
 
-BACKENDS = ("auto", "fast", "reference")
+from .backends import WRITE_BACKENDS as BACKENDS
+
 GRAD_MODES = ("none", "first", "second")
 
 

@@ -10,7 +10,7 @@ registers, then lists the spilling ones; exits 1 if any compile fails. `--autotu
 what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim).
 
     python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128] [-j 2]
-                                      [--autotune 0] [--ops attention,head_loss]
+                                      [--autotune 0] [--ops attention,head_loss,qk_norm,geglu]
 """
 import argparse
 import concurrent.futures as cf
@@ -87,7 +87,28 @@ def head_loss_launches(dtype, d, V, N=16):
         head_loss(hidden, weight, targets, row_weights, torch.empty(N), torch.empty_like(hidden), method=method)
 
 
-def collect(dtypes, head_dims, ops=("attention", "head_loss")):
+def qk_norm_launches(dtype, D, G=24, N=64):
+    """The per-head q/k RMS norm over G = H + Hkv heads of width D (or one row of the whole projection)."""
+    from gradmem_fast.kernels.qk_norm import qk_norm_bwd, qk_norm_fwd
+
+    x, w = _rand((N, G, D), dtype), _rand((G, D), dtype)
+    rstd = torch.empty(N * G, dtype=torch.float32)
+    qk_norm_fwd(x, w, 1e-6, torch.empty_like(x), rstd)
+    qk_norm_bwd(_rand((N, G, D), dtype), x, w, rstd, torch.empty_like(x))
+
+
+def geglu_launches(dtype, n=1 << 20):
+    from gradmem_fast.kernels.geglu import geglu_bwd, geglu_fwd
+
+    gate, up = _rand((n,), dtype), _rand((n,), dtype)
+    geglu_fwd(gate, up, torch.empty_like(gate))
+    geglu_bwd(_rand((n,), dtype), gate, up, torch.empty_like(gate), torch.empty_like(up))
+
+
+OPS = ("attention", "head_loss", "qk_norm", "geglu")
+
+
+def collect(dtypes, head_dims, ops=OPS):
     JITFunction.run, Autotuner.run = _record_jit, _record_autotuned
     for name in dtypes:
         dtype = DTYPES[name]
@@ -99,6 +120,11 @@ def collect(dtypes, head_dims, ops=("attention", "head_loss")):
             # GPT-2, Llama-3.2-1B and the small KV-retrieval model's head
             for d, V in ((768, 50257), (2048, 128256), (128, 70)):
                 head_loss_launches(dtype, d, V)
+        if "qk_norm" in ops:  # per head (Qwen3, Gemma 3) and over the whole projection (OLMo 2)
+            for D in (*head_dims, 2048, 4096):
+                qk_norm_launches(dtype, D, G=24 if D <= 256 else 1)
+        if "geglu" in ops:
+            geglu_launches(dtype)
 
 
 def specialise(fn, args, kwargs):
@@ -168,7 +194,7 @@ def main(argv=None):
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     # sm_90's shared memory per block; an autotuning config above it is skipped at launch
     ap.add_argument("--smem-limit", type=int, default=232448)
-    ap.add_argument("--ops", default="attention,head_loss", help="which kernels: attention, head_loss")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"which kernels: {', '.join(OPS)}")
     ap.add_argument("--autotune", type=int, choices=(0, 1), default=1,
                     help="0: only the configs launched with GRADMEM_FAST_AUTOTUNE=0")
     args = ap.parse_args(argv)

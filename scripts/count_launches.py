@@ -29,7 +29,7 @@ def use_emulated_csrc():
 
 def main(argv=None):
     from gradmem_fast.benchmark.cases import CASE_NAMES, get_case
-    from gradmem_fast.engine.launches import count_case
+    from gradmem_fast.benchmark.launch_counts import count_case
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=list(CASE_NAMES))

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "qwen3", "olmo2", "phi3", "gemma3_text")
 
 
 def tiny_config(family, **overrides):
@@ -16,6 +16,20 @@ def tiny_config(family, **overrides):
                   tie_word_embeddings=False)
         if family == "llama":
             kw["attention_bias"] = False
+    elif family in ("qwen3", "olmo2", "phi3"):
+        cls = {"qwen3": tf.Qwen3Config, "olmo2": tf.Olmo2Config, "phi3": tf.Phi3Config}[family]
+        kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=61, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+        if family == "qwen3":
+            kw["head_dim"] = 8
+        if family == "phi3":
+            kw.update(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, sliding_window=None)
+    elif family == "gemma3_text":
+        cls = tf.Gemma3TextConfig
+        kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=61, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  query_pre_attn_scalar=12, sliding_window=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0, attention_dropout=0.0)
     elif family == "gpt2":
         cls = tf.GPT2Config
         kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=128, resid_pdrop=0.0,
@@ -29,6 +43,8 @@ def tiny_config(family, **overrides):
     else:
         raise ValueError(family)
     kw.update(overrides)
+    if family == "gemma3_text" and "layer_types" not in overrides:  # local and global layers in turn
+        kw["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(kw["num_hidden_layers"])]
     return cls(**kw)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradmem_fast
-from gradmem_fast import dispatch
+from gradmem_fast import backends, dispatch
 from helpers import random_batch, tiny_model
 
 
@@ -24,7 +24,7 @@ def _sliding(T=10):
 
 def test_second_order_falls_back_where_the_engine_cannot_run(monkeypatch):
     model, ids, mask, memory = _sliding()
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(UserWarning, match="falls back to the reference backend: .*exceeds the model's limit 8"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
     expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second")
@@ -33,7 +33,7 @@ def test_second_order_falls_back_where_the_engine_cannot_run(monkeypatch):
 
 def test_fallback_warns_once_per_reason(monkeypatch):
     model, ids, mask, memory = _sliding()
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -47,15 +47,17 @@ def test_explicit_fast_raises_for_second_order_it_cannot_run():
         gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="fast")
 
 
-def test_auto_takes_fast_engine_for_second_order(small, monkeypatch):
+def test_fast_engine_takes_second_order(small, monkeypatch):
     from gradmem_fast.engine import fast_write
 
     model, ids, mask, memory = small
+    choice = gradmem_fast.explain(model, memory, ids, mask, grad_mode="second")
+    assert choice.blockers == ()  # on CPU auto prefers the reference, but nothing blocks the engine
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's ops use their PyTorch twins here
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.3, grad_mode="second",
-                                 second_order_steps=1)
+                                 second_order_steps=1, backend="fast")
     expected = fast_write(model, memory.unsqueeze(0), ids, mask, steps=2, lr=0.3, write_head=None,
                           memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
                           return_losses=False)
@@ -84,7 +86,7 @@ def test_unsupported_model_falls_back(monkeypatch):
     model.requires_grad_(False)
     ids = torch.randint(0, 40, (1, 5))
     memory = 0.1 * torch.randn(2, 16)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.raises((gradmem_fast.BackendUnavailable, NotImplementedError)):
         gradmem_fast.write(model, memory, ids, steps=1, lr=0.1, backend="fast")
     with pytest.warns(UserWarning, match="falls back"):
@@ -95,7 +97,7 @@ def test_unsupported_model_falls_back(monkeypatch):
 def test_sliding_window_beyond_limit_falls_back(monkeypatch):
     model = tiny_model("mistral", dtype=torch.float32, sliding_window=8)
     ids, mask, memory = random_batch(model, 1, 10, m=2)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(UserWarning, match="exceeds the model's limit 8"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1)
     expected = gradmem_fast.reference.write(model, memory, ids, mask, steps=1, lr=0.1)
@@ -135,9 +137,10 @@ def test_auto_takes_fast_engine_where_preferred(small, monkeypatch):
 
 
 def test_explain_names_blockers(small):
-    model, ids, mask, memory = small
-    choice = gradmem_fast.explain(model, memory, ids, mask, grad_mode="second")
-    assert choice.backend == "reference" and any("second" in b for b in choice.blockers)
+    _, ids, mask, memory = small
+    model = tiny_model("llama", dtype=torch.float32, attention_dropout=0.3).train()
+    choice = gradmem_fast.explain(model, memory, ids, mask)
+    assert choice.backend == "reference" and any("dropout" in b for b in choice.blockers)
     assert "cannot take this call" in str(choice)
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         gradmem_fast.explain(model, memory, ids, mask, backend="gpu")
@@ -150,7 +153,7 @@ def test_training_with_dropout_falls_back(family, key, monkeypatch):
     ids, mask, memory = random_batch(model, 2, 5, m=2)
     assert dispatch.dropout_reason(model) is None  # eval mode: dropout is off
     model.train()
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(dispatch, "device_preference", lambda model: None)  # auto would take the engine
     with pytest.warns(UserWarning, match=f"training mode with dropout .*{key}=0.3"):
         torch.manual_seed(1)
@@ -188,7 +191,7 @@ def test_custom_attention_falls_back(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, "half_sdpa", _half_attention)
     model = tiny_model("llama", dtype=torch.float32, attn="half_sdpa")
     ids, mask, memory = random_batch(model, 2, 6, lengths=[6, 4], m=2)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(dispatch, "device_preference", lambda model: None)
     with pytest.warns(UserWarning, match="attention implementation 'half_sdpa' is not one of the built-in"):
         out = gradmem_fast.write(model, memory, ids, mask, steps=2, lr=0.5)

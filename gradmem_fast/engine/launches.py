@@ -167,58 +167,7 @@ def count_write(spec, ops, input_ids, attention_mask, memory, *, write_head=None
         lr = torch.full((), 0.5, dtype=torch.float32, device=memory.device)
         step_loss = torch.empty(B, dtype=torch.float32, device=memory.device)
         for _ in range(steps):
-            step_counter = LaunchCounter(spec.layers)
+            step_counter = LaunchCounter(plan.spec.layers)  # the plan's (norm offsets folded, plan.py)
             with step_counter:
                 write_step(plan, memory, lr, step_loss, clip_value, clip_norm)
     return plan_counter, step_counter
-
-
-# ---------------------------------------------------------------- the standard cases at tiny widths
-
-TINY = {  # widths only: the layer count, family, head grouping and tying come from the case's config
-    "gpt2-small": dict(n_embd=64, n_head=4, vocab_size=97, n_positions=256),
-    "llama1b": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
-                    head_dim=16, vocab_size=97, max_position_embeddings=256),
-    "kv": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-               max_position_embeddings=256),
-}
-
-
-def counting_dtype(case):
-    """The case's dtype, float16 for bfloat16 under the Triton interpreter (wrong bfloat16 arithmetic there;
-    the ops issue the same launches for both 16-bit dtypes)."""
-    from .._triton import interpreter_on
-
-    return torch.float16 if case.torch_dtype == torch.bfloat16 and interpreter_on() else case.torch_dtype
-
-
-def tiny_case_model(case, seed=0):
-    """The case's model configuration (gradmem_fast.benchmark.cases) at width 64, head dim 16, vocab <= 97,
-    in counting_dtype(case) on the CPU, frozen."""
-    import transformers as tf
-
-    from ..benchmark.cases import build_config
-
-    config = build_config(case, attn="eager")
-    for key, value in TINY[case.config].items():
-        setattr(config, key, value)
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config).to(counting_dtype(case)).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def count_case(case, backend="kernel", T=8, m=4, seed=0):
-    """(plan counter, step counter) of the case's write (layer count, family, B, dtype; no options) at tiny
-    widths, with the context T and memory rows m given here (launch counts do not depend on them). The
-    plan runs with "auto" ops, as the model's rotary buffer is in the model dtype (the tables' twin runs)."""
-    from ..models import describe
-    from .ops import ops_for
-
-    model = tiny_case_model(case, seed)
-    spec = describe(model)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, spec.vocab_size, (case.B, T), generator=g)
-    mask = torch.ones_like(ids)
-    memory = (0.02 * torch.randn(case.B, m, spec.hidden_size, generator=g)).to(counting_dtype(case))
-    return count_write(spec, ops_for(backend), ids, mask, memory, plan_ops=ops_for("auto"))

@@ -1,162 +1,100 @@
-"""Per-layer forward and input-gradient backward, shared by all families.
+"""Per-layer forward and input-gradient backward: the block structures (pre-norm, post-norm, sandwich,
+parallel), written once and shared by layer 0 and the other layers.
 
 Residual stream bookkeeping: a layer receives `pending` (the previous layer's output delta, None at
 layer 0) and `h` (the residual stream before it); the fused add + norm forms h + pending. A layer's
 backward receives `g`, the gradient w.r.t. the stream after the layer, and returns the gradient
 w.r.t. the stream before it. Weights are frozen: only input gradients are formed (engine.md).
+
+Layer 0 differs only before attention: its context rows' work is done once per write (Layer0Context), so
+its norm and q/k/v cover the m memory rows; from the attention output on, every row is new and the
+sequential tail is the same code as in the other layers.
 """
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..models.spec import Linear
-
-
-def linear(x, lin):
-    return F.linear(x, lin.weight, lin.bias)
+from .sublayers import (AttnSaved, attention_backward, attention_forward, linear_input_grad, mlp_backward,
+                        mlp_forward, output_projection, qkv_backward, qkv_forward, qkv_grad_buffers)
 
 
-def linear_input_grad(dy, lin):
-    """dX = dY W for Y = X W^T + b: (..., out) -> (..., in)."""
-    return torch.matmul(dy, lin.weight)
+class Tail(NamedTuple):
+    """Saved by the sequential tail (attention output -> stream after the layer)."""
+    attn_out: Optional[torch.Tensor]  # (B, S, d) input of post_attn_norm, None without one
+    post_attn_stats: Optional[torch.Tensor]
+    h2: torch.Tensor  # (B, S, d) the stream after the attention sublayer
+    mlp_stats: Optional[torch.Tensor]  # stats of mlp_norm, None without one
+    pre: Any  # MLP pre-activation(s) (mlp_forward)
+    mlp_out: Optional[torch.Tensor]  # (B, S, d) input of post_mlp_norm, None without one
+    post_mlp_stats: Optional[torch.Tensor]
 
 
-def qkv_linears(spec):
-    """Per layer, the q/k/v projection as one Linear: the model's own for the concat and per_head layouts;
-    for separate q, k, v their concatenation, output rows [q | k | v] (a copy made once per write, so one
-    GEMM replaces three in each direction). A missing bias beside present ones is taken as zero."""
-    if spec.qkv_layout != "separate":
-        return tuple(layer.qkv for layer in spec.layers)
-    fused = []
-    for layer in spec.layers:
-        parts = (layer.q, layer.k, layer.v)
-        weight = torch.cat([p.weight for p in parts])
-        bias = None
-        if any(p.bias is not None for p in parts):
-            bias = torch.cat([p.weight.new_zeros(p.weight.shape[0]) if p.bias is None else p.bias for p in parts])
-        fused.append(Linear(weight, bias))
-    return tuple(fused)
+class SequentialSaved(NamedTuple):
+    h1: torch.Tensor  # the stream the attention sublayer adds to; layer 0: the memory rows x_mem (B, m, d)
+    attn_stats: Optional[torch.Tensor]  # stats of attn_norm, None in a post-norm block
+    attn: AttnSaved
+    tail: Tail
 
 
-def _fold_bias(a, b):
-    return a if b is None else (b if a is None else a + b)
+class ParallelSaved(NamedTuple):
+    h1: torch.Tensor  # the stream both sublayers read; layer 0: the memory rows x_mem (B, m, d)
+    attn_stats: torch.Tensor
+    attn: AttnSaved
+    mlp_stats: torch.Tensor
+    pre: Any
 
 
-def down_linears(spec):
-    """Per layer, the MLP down projection the engine runs: the model's own for a sequential residual; for a
-    parallel residual its weight with the attention output projection's bias added to its own (a vector made
-    once per write), so the layer's output `mlp + o Wo^T` is one GEMM accumulating onto the MLP's (the
-    residual add and the second bias are absorbed)."""
-    if not spec.parallel_residual:
-        return tuple(layer.down for layer in spec.layers)
-    return tuple(Linear(layer.down.weight, _fold_bias(layer.down.bias, layer.o.bias)) for layer in spec.layers)
+# ------------------------------------------------------------------ pieces shared by every layer
 
 
-def _per_head(spec):
-    return spec.qkv_layout == "per_head"
+def _norm_in(spec, ops, norm, x, residual):
+    """(normed input, stream x + residual, stats) before a sublayer; without a norm (post-norm blocks) the
+    sublayer reads the stream itself (one add, none when residual is None)."""
+    if norm is not None:
+        return ops.add_norm_forward(x, residual, norm, spec.norm_kind)
+    h = x if residual is None else x + residual
+    return h, h, None
 
 
-def _split_qkv(spec, y):
-    """y (B, S, out) laid out like the projection output -> (q, k, v, qk): (B, S, H, hd) views, and qk the
-    view of q and k together, so one rotary launch covers both: (B, S, H + Hkv, hd) for [q | k | v] layouts,
-    (B, S, H, 2, hd) for the per-head layout [q_h | k_h | v_h]."""
-    H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    if _per_head(spec):
-        heads = y.unflatten(-1, (H, 3, hd))
-        q, k, v = heads.unbind(-2)
-        return q, k, v, heads[..., :2, :]
-    qk, v = y.split(((H + Hkv) * hd, Hkv * hd), dim=-1)
-    qk = qk.unflatten(-1, (H + Hkv, hd))
-    return qk[..., :H, :], qk[..., H:, :], v.unflatten(-1, (Hkv, hd)), qk
+def _norm_in_backward(spec, ops, norm, d_in, g_stream, h, stats):
+    """Gradient of the stream before a sublayer: d_in through its input norm, plus g_stream (the residual)."""
+    if norm is None:
+        return d_in + g_stream
+    return ops.add_norm_backward(d_in, g_stream, h, norm, stats, spec.norm_kind)
 
 
-def qkv_project(spec, lin, x):
-    """x (B, S, d) -> (q, k, v, qk) of _split_qkv, bias added, rotary not applied."""
-    return _split_qkv(spec, linear(x, lin))
+def _norm_out(spec, ops, norm, x):
+    """(norm(x), stats) on a sublayer's output (post-norm, sandwich); (x, None) without that norm."""
+    if norm is None:
+        return x, None
+    y, _, stats = ops.add_norm_forward(x, None, norm, spec.norm_kind)
+    return y, stats
 
 
-def qkv_grad_buffers(spec, lin, q):
-    """(dy, (dq, dk, dv), dqk): dy (B, S, out) laid out like the projection output, dq, dk, dv (and dq, dk
-    together) views into it, so the attention backward writes its gradients in place and the input
-    gradient is one GEMM `dy W`, with no (B, S, out) concatenation of dq, dk, dv in between."""
-    dy = torch.empty(*q.shape[:2], lin.weight.shape[0], dtype=q.dtype, device=q.device)
-    dq, dk, dv, dqk = _split_qkv(spec, dy)
-    return dy, (dq, dk, dv), dqk
+def _norm_out_backward(spec, ops, norm, g, x, stats):
+    return g if norm is None else ops.add_norm_backward(g, None, x, norm, stats, spec.norm_kind)
 
 
-# ------------------------------------------------------------------ MLP
+def _tail_forward(spec, ops, layer, attn_out, h1):
+    """Sequential block from the attention output (B, S, d) and the stream it adds to -> (pending, h2, Tail)."""
+    u, post_attn_stats = _norm_out(spec, ops, layer.post_attn_norm, attn_out)
+    b, h2, mlp_stats = _norm_in(spec, ops, layer.mlp_norm, u, h1)
+    mlp_out, pre = mlp_forward(spec, ops, layer, b)
+    pending, post_mlp_stats = _norm_out(spec, ops, layer.post_mlp_norm, mlp_out)
+    keep_attn = layer.post_attn_norm is not None
+    keep_mlp = layer.post_mlp_norm is not None
+    return pending, h2, Tail(attn_out if keep_attn else None, post_attn_stats, h2, mlp_stats, pre,
+                             mlp_out if keep_mlp else None, post_mlp_stats)
 
 
-def mlp_forward(spec, ops, layer, b, down=None, out=None):
-    """b (B, S, d) normed input -> (out (B, S, d), saved pre-activations). down: the down projection
-    (default layer.down; see down_linears); out: a contiguous buffer of B*S*d elements it writes into."""
-    if spec.activation == "swiglu":
-        pre = (linear(b, layer.gate), linear(b, layer.up))
-    else:
-        pre = linear(b, layer.up)
-    act = ops.activation_forward(spec.activation, pre)
-    down = layer.down if down is None else down
-    if out is None:
-        return linear(act, down), pre
-    act2, out2 = act.view(-1, act.shape[-1]), out.view(-1, down.weight.shape[0])
-    if down.bias is None:
-        torch.mm(act2, down.weight.t(), out=out2)
-    else:
-        torch.addmm(down.bias, act2, down.weight.t(), out=out2)
-    return out.view(*b.shape[:-1], down.weight.shape[0]), pre
-
-
-def mlp_backward(spec, ops, layer, g, pre):
-    """g (B, S, d) gradient of the MLP output -> gradient of its normed input (B, S, d)."""
-    d_act = linear_input_grad(g, layer.down)
-    d_pre = ops.activation_backward(spec.activation, d_act, pre)
-    if spec.activation == "swiglu":
-        d_gate, d_up = d_pre
-        return torch.addmm(linear_input_grad(d_up, layer.up).flatten(0, -2), d_gate.flatten(0, -2),
-                           layer.gate.weight).view(g.shape)
-    return linear_input_grad(d_pre, layer.up)
-
-
-# ------------------------------------------------------------------ attention
-
-
-def _rotate_qk_(spec, ops, qk, cos, sin, inverse=False):
-    """Rotary on q and k in place, one launch on their joint view qk (_split_qkv)."""
-    if spec.rotary is not None:
-        ops.apply_rotary_(qk, cos, sin, spec.rotary, inverse=inverse)
-
-
-def output_projection(o, lin, addend=None, in_place=False):
-    """o (B, S, H, D) -> o Wo^T + b (B, S, d); with addend (B, S, d, contiguous) addend + o Wo^T in one GEMM,
-    the bias not added (it is in addend: down_linears), written into addend itself when in_place."""
-    if addend is None:
-        return linear(o.flatten(2), lin)
-    a2, o2 = addend.view(-1, addend.shape[-1]), o.reshape(-1, lin.weight.shape[1])
-    if in_place:
-        return a2.addmm_(o2, lin.weight.t()).view(addend.shape)
-    return torch.addmm(a2, o2, lin.weight.t()).view(addend.shape)
-
-
-def attention_block_forward(spec, ops, layer, qkv_lin, a, lengths, rope, addend=None):
-    """Attention over all S rows (layers >= 1). a (B, S, d) normed input -> (out (B, S, d), saved).
-    addend: the (B, S, d) MLP output of a parallel-residual layer, accumulated into in place (output_projection)."""
-    q, k, v, qk = qkv_project(spec, qkv_lin, a)
-    cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
-    _rotate_qk_(spec, ops, qk, cos, sin)
-    o, lse = ops.attention_forward(q, k, v, lengths, spec.attn_scale)
-    return output_projection(o, layer.o, addend, in_place=True), (q, k, v, o, lse)
-
-
-def attention_block_backward(spec, ops, layer, qkv_lin, g, saved, lengths, rope):
-    q, k, v, o, lse = saved
-    do = linear_input_grad(g, layer.o).view(o.shape)
-    dy, out, dqk = qkv_grad_buffers(spec, qkv_lin, q)
-    dq, dk, dv = ops.attention_backward(do, q, k, v, o, lse, lengths, spec.attn_scale, out=out)
-    cos, sin = (rope.cos_all, rope.sin_all) if rope is not None else (None, None)
-    _rotate_qk_(spec, ops, dqk, cos, sin, inverse=True)
-    return linear_input_grad(dy, qkv_lin)
+def _tail_backward(spec, ops, layer, g, t):
+    """g (B, S, d) gradient of the stream after the layer -> (gradient of the attention output, gradient of
+    the stream h2 after the attention sublayer, which also reaches h1 through the residual)."""
+    d_mlp = _norm_out_backward(spec, ops, layer.post_mlp_norm, g, t.mlp_out, t.post_mlp_stats)
+    d_b = mlp_backward(spec, ops, layer, d_mlp, t.pre)
+    g2 = _norm_in_backward(spec, ops, layer.mlp_norm, d_b, g, t.h2, t.mlp_stats)
+    return _norm_out_backward(spec, ops, layer.post_attn_norm, g2, t.attn_out, t.post_attn_stats), g2
 
 
 # ------------------------------------------------------------------ layer 0 constants
@@ -164,7 +102,7 @@ def attention_block_backward(spec, ops, layer, qkv_lin, g, saved, lengths, rope)
 
 @dataclass
 class Layer0Context:
-    q_ctx: torch.Tensor  # (B, T, H, D) context queries, rotated
+    q_ctx: torch.Tensor  # (B, T, H, D) context queries, normed and rotated
     state: Any  # context-over-context attention state (ops.attention)
     rows: torch.Tensor  # (B, m + T, d) layer-0 input: context rows filled once, memory rows per step
     # (B, m + T, d) MLP output plus the output projection's bias (down_linears), context rows filled once
@@ -172,15 +110,13 @@ class Layer0Context:
     mlp_rows: Optional[torch.Tensor]
 
 
-def layer0_context(spec, ops, qkv_lin, down_lin, x_ctx, ctx_lengths, ctx_tables, m):
+def layer0_context(spec, ops, qkv_lin, down_lin, qk_norm, x_ctx, ctx_lengths, ctx_tables, m):
     """The layer-0 work on the context rows that no memory can change. x_ctx (B, T, d); down_lin: layer 0's
-    down projection of down_linears."""
+    down projection of down_linears; qk_norm: its q/k norm launches (qk_norm_parts)."""
     layer = spec.layers[0]
-    a_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.attn_norm, spec.norm_kind)
-    q, k, v, qk = qkv_project(spec, qkv_lin, a_ctx)
-    if spec.rotary is not None:
-        _rotate_qk_(spec, ops, qk, *ctx_tables)
-    state = ops.context_attention_state(q, k, v, ctx_lengths, spec.attn_scale)
+    a_ctx = _norm_in(spec, ops, layer.attn_norm, x_ctx, None)[0]
+    qkv = qkv_forward(spec, ops, qkv_lin, qk_norm, a_ctx, ctx_tables)
+    state = ops.context_attention_state(qkv.q, qkv.k, qkv.v, ctx_lengths, spec.attn_scale)
     B, T, d = x_ctx.shape
     rows = x_ctx.new_empty(B, m + T, d)
     rows[:, m:].copy_(x_ctx)
@@ -189,7 +125,29 @@ def layer0_context(spec, ops, qkv_lin, down_lin, x_ctx, ctx_lengths, ctx_tables,
         b_ctx, _, _ = ops.add_norm_forward(x_ctx, None, layer.mlp_norm, spec.norm_kind)
         mlp_rows = rows.new_empty(B, m + T, d)
         mlp_rows[:, m:].copy_(mlp_forward(spec, ops, layer, b_ctx, down=down_lin)[0])
-    return Layer0Context(q_ctx=q, state=state, rows=rows, mlp_rows=mlp_rows)
+    return Layer0Context(q_ctx=qkv.q, state=state, rows=rows, mlp_rows=mlp_rows)
+
+
+def _layer0_attention(plan, a_mem):
+    """Memory rows' attention input (B, m, d) -> (o (B, S, H, D), AttnSaved): every row attends to the memory."""
+    spec, ops, ctx = plan.spec, plan.ops, plan.layer0
+    tables = None if plan.ropes[0] is None else plan.ropes[0].mem
+    qkv = qkv_forward(spec, ops, plan.qkv[0], plan.qk_norm[0], a_mem, tables)
+    o, lse = ops.memory_attention_forward(qkv.q, qkv.k, qkv.v, ctx.q_ctx, ctx.state, plan.ctx_lengths,
+                                          spec.attn_scale)
+    return o, AttnSaved(qkv, o, lse)
+
+
+def _layer0_attention_backward(plan, g_attn, saved):
+    """g_attn (B, S, d) gradient of the attention output -> gradient of the memory rows' input (B, m, d)."""
+    spec, ops, ctx = plan.spec, plan.ops, plan.layer0
+    qkv, o = saved.qkv, saved.o
+    do = linear_input_grad(g_attn, spec.layers[0].o).view(o.shape)
+    dy, out, dqk = qkv_grad_buffers(spec, plan.qkv[0], qkv)
+    ops.memory_attention_backward(do, qkv.q, qkv.k, qkv.v, ctx.q_ctx, o, saved.lse, plan.ctx_lengths,
+                                  spec.attn_scale, out=out)
+    tables = None if plan.ropes[0] is None else plan.ropes[0].mem
+    return qkv_backward(spec, ops, plan.qkv[0], plan.qk_norm[0], qkv, dy, dqk, tables)
 
 
 # ------------------------------------------------------------------ layers
@@ -206,12 +164,8 @@ def layer0_forward(plan, x_mem, in_rows=False):
         x[:, :plan.m].copy_(x_mem)
         if plan.B == 1:  # x_mem may be in the memory's dtype (step.memory_in): the rows hold it cast
             x_mem = x[:, :plan.m]
-    a_mem, _, s1 = ops.add_norm_forward(x_mem, None, layer.attn_norm, spec.norm_kind)
-    q, k, v, qk = qkv_project(spec, plan.qkv[0], a_mem)
-    if plan.rope is not None:
-        _rotate_qk_(spec, ops, qk, plan.rope.cos_mem, plan.rope.sin_mem)
-    o, lse = ops.memory_attention_forward(q, k, v, ctx.q_ctx, ctx.state, plan.ctx_lengths, spec.attn_scale)
-    attn_saved = (q, k, v, o, lse)
+    a_mem, _, s1 = _norm_in(spec, ops, layer.attn_norm, x_mem, None)
+    o, attn_saved = _layer0_attention(plan, a_mem)
     if spec.parallel_residual:
         b_mem, _, s2 = ops.add_norm_forward(x_mem, None, layer.mlp_norm, spec.norm_kind)
         if plan.B == 1:  # the memory rows of mlp_rows are contiguous: the down projection writes them
@@ -220,39 +174,25 @@ def layer0_forward(plan, x_mem, in_rows=False):
             mlp_mem, pre = mlp_forward(spec, ops, layer, b_mem, down=plan.down[0])
             ctx.mlp_rows[:, :plan.m].copy_(mlp_mem)
         pending = output_projection(o, layer.o, ctx.mlp_rows)  # mlp_rows + o Wo^T, a new tensor
-        return pending, x, (x_mem, s1, attn_saved, s2, pre)
-    attn_out = output_projection(o, layer.o)
-    b, h2, s2 = ops.add_norm_forward(attn_out, x, layer.mlp_norm, spec.norm_kind)
-    mlp_out, pre = mlp_forward(spec, ops, layer, b)
-    return mlp_out, h2, (x_mem, s1, attn_saved, h2, s2, pre)
+        return pending, x, ParallelSaved(x_mem, s1, attn_saved, s2, pre)
+    pending, h2, tail = _tail_forward(spec, ops, layer, output_projection(o, layer.o), x)
+    return pending, h2, SequentialSaved(x_mem, s1, attn_saved, tail)
 
 
 def layer0_backward(plan, g, saved):
     """g (B, S, d) gradient of the stream after layer 0 -> gradient w.r.t. x_mem (B, m, d)."""
-    spec, ops, ctx, m = plan.spec, plan.ops, plan.layer0, plan.m
+    spec, ops, m = plan.spec, plan.ops, plan.m
     layer = spec.layers[0]
     if spec.parallel_residual:
-        x_mem, s1, attn_saved, s2, pre = saved
-        g_attn = g
-        g_mem = g[:, :m]
-        d_b = mlp_backward(spec, ops, layer, g_mem, pre)
+        g_attn = g_stream = g
+        d_b = mlp_backward(spec, ops, layer, g[:, :m], saved.pre)
     else:
-        x_mem, s1, attn_saved, h2, s2, pre = saved
-        d_b = mlp_backward(spec, ops, layer, g, pre)
-        g_attn = ops.add_norm_backward(d_b, g, h2, layer.mlp_norm, s2, spec.norm_kind)
-        g_mem = g_attn[:, :m]
-    q, k, v, o, lse = attn_saved
-    do = linear_input_grad(g_attn, layer.o).view(o.shape)
-    dy, out, dqk = qkv_grad_buffers(spec, plan.qkv[0], q)
-    dq, dk, dv = ops.memory_attention_backward(do, q, k, v, ctx.q_ctx, o, lse, plan.ctx_lengths,
-                                               spec.attn_scale, out=out)
-    if plan.rope is not None:
-        _rotate_qk_(spec, ops, dqk, plan.rope.cos_mem, plan.rope.sin_mem, inverse=True)
-    d_a = linear_input_grad(dy, plan.qkv[0])
-    # g_mem (B, m, d) is strided at B > 1 (the first m rows of each sample): the norm backward reads it in place
-    d_x = ops.add_norm_backward(d_a, g_mem, x_mem, layer.attn_norm, s1, spec.norm_kind)
+        g_attn, g_stream = _tail_backward(spec, ops, layer, g, saved.tail)
+    d_a = _layer0_attention_backward(plan, g_attn, saved.attn)
+    # g_stream[:, :m] (B, m, d) is strided at B > 1 (the first m rows of each sample): read in place
+    d_x = _norm_in_backward(spec, ops, layer.attn_norm, d_a, g_stream[:, :m], saved.h1, saved.attn_stats)
     if spec.parallel_residual:
-        d_x = ops.add_norm_backward(d_b, d_x, x_mem, layer.mlp_norm, s2, spec.norm_kind)
+        d_x = ops.add_norm_backward(d_b, d_x, saved.h1, layer.mlp_norm, saved.mlp_stats, spec.norm_kind)
     return d_x
 
 
@@ -260,19 +200,16 @@ def layer_forward(plan, i, pending, h):
     """Layer i >= 1: (pending, h) -> (pending', h', saved)."""
     spec, ops = plan.spec, plan.ops
     layer = spec.layers[i]
-    a, h1, s1 = ops.add_norm_forward(pending, h, layer.attn_norm, spec.norm_kind)
+    a, h1, s1 = _norm_in(spec, ops, layer.attn_norm, pending, h)
     if spec.parallel_residual:
         # out = mlp(norm2(h1)) + attn(norm1(h1)): the output projection accumulates onto the MLP output
         b, _, s2 = ops.add_norm_forward(h1, None, layer.mlp_norm, spec.norm_kind)
         mlp_out, pre = mlp_forward(spec, ops, layer, b, down=plan.down[i])
-        out, attn_saved = attention_block_forward(spec, ops, layer, plan.qkv[i], a, plan.full_lengths, plan.rope,
-                                                  addend=mlp_out)
-        return out, h1, (h1, s1, attn_saved, s2, pre)
-    attn_out, attn_saved = attention_block_forward(spec, ops, layer, plan.qkv[i], a, plan.full_lengths,
-                                                   plan.rope)
-    b, h2, s2 = ops.add_norm_forward(attn_out, h1, layer.mlp_norm, spec.norm_kind)
-    mlp_out, pre = mlp_forward(spec, ops, layer, b)
-    return mlp_out, h2, (h1, s1, attn_saved, h2, s2, pre)
+        out, attn_saved = attention_forward(plan, i, a, addend=mlp_out)
+        return out, h1, ParallelSaved(h1, s1, attn_saved, s2, pre)
+    attn_out, attn_saved = attention_forward(plan, i, a)
+    pending, h2, tail = _tail_forward(spec, ops, layer, attn_out, h1)
+    return pending, h2, SequentialSaved(h1, s1, attn_saved, tail)
 
 
 def layer_backward(plan, i, g, saved):
@@ -280,14 +217,10 @@ def layer_backward(plan, i, g, saved):
     spec, ops = plan.spec, plan.ops
     layer = spec.layers[i]
     if spec.parallel_residual:
-        h1, s1, attn_saved, s2, pre = saved
-        d_b = mlp_backward(spec, ops, layer, g, pre)
-        d_a = attention_block_backward(spec, ops, layer, plan.qkv[i], g, attn_saved, plan.full_lengths, plan.rope)
-        g1 = ops.add_norm_backward(d_a, g, h1, layer.attn_norm, s1, spec.norm_kind)
-        return ops.add_norm_backward(d_b, g1, h1, layer.mlp_norm, s2, spec.norm_kind)
-    h1, s1, attn_saved, h2, s2, pre = saved
-    d_b = mlp_backward(spec, ops, layer, g, pre)
-    g2 = ops.add_norm_backward(d_b, g, h2, layer.mlp_norm, s2, spec.norm_kind)
-    d_a = attention_block_backward(spec, ops, layer, plan.qkv[i], g2, attn_saved, plan.full_lengths,
-                                   plan.rope)
-    return ops.add_norm_backward(d_a, g2, h1, layer.attn_norm, s1, spec.norm_kind)
+        d_b = mlp_backward(spec, ops, layer, g, saved.pre)
+        d_a = attention_backward(plan, i, g, saved.attn)
+        g1 = ops.add_norm_backward(d_a, g, saved.h1, layer.attn_norm, saved.attn_stats, spec.norm_kind)
+        return ops.add_norm_backward(d_b, g1, saved.h1, layer.mlp_norm, saved.mlp_stats, spec.norm_kind)
+    g_attn, g2 = _tail_backward(spec, ops, layer, g, saved.tail)
+    d_a = attention_backward(plan, i, g_attn, saved.attn)
+    return _norm_in_backward(spec, ops, layer.attn_norm, d_a, g2, saved.h1, saved.attn_stats)

@@ -40,6 +40,14 @@ class Ops:
         return memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, lengths, scale, out=out,
                                          **self._kw())
 
+    def qk_norm_forward(self, x, weight, eps, out=None):
+        from ..ops.qk_norm import qk_norm_forward
+        return qk_norm_forward(x, weight, eps, out=out, **self._kw())
+
+    def qk_norm_backward(self, dy, x, weight, rstd, out=None):
+        from ..ops.qk_norm import qk_norm_backward
+        return qk_norm_backward(dy, x, weight, rstd, out=out, **self._kw())
+
     def rotary_tables(self, rotary, positions):
         from ..ops.rotary import rotary_tables
         return rotary_tables(rotary.inv_freq, positions, rotary.attention_scaling, **self._kw())
@@ -54,14 +62,20 @@ class Ops:
         if activation == "swiglu":
             gate, up = pre
             return act.swiglu_forward(gate, up, **self._kw())
+        if activation == "geglu_tanh":
+            from ..ops.geglu import geglu_forward
+            return geglu_forward(*pre, **self._kw())
         return act.gelu_forward(pre, _APPROXIMATE[activation], **self._kw())
 
     def activation_backward(self, activation, dy, pre):
-        """Gradient w.r.t. the pre-activation(s): (d_gate, d_up) for SwiGLU, else one tensor."""
+        """Gradient w.r.t. the pre-activation(s): (d_gate, d_up) for the gated ones, else one tensor."""
         from ..ops import activation as act
         if activation == "swiglu":
             gate, up = pre
             return act.swiglu_backward(dy, gate, up, **self._kw())
+        if activation == "geglu_tanh":
+            from ..ops.geglu import geglu_backward
+            return geglu_backward(dy, *pre, **self._kw())
         return act.gelu_backward(dy, pre, _APPROXIMATE[activation], **self._kw())
 
     def head_loss(self, hidden, weight, targets, row_weights, loss_out, grad_out):

@@ -3,21 +3,70 @@
 Shapes: B samples, T context tokens (possibly padded up to a bucket), m memory rows, S = m + T,
 d hidden size, H query heads, Hkv key/value heads, D head dim.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .layers import Layer0Context, down_linears, layer0_context, qkv_linears
+from ..models.forward import layer_rotary
+from .layers import Layer0Context, layer0_context
+from .sublayers import down_linears, qk_norm_parts, qkv_linears
 
 
 @dataclass
 class Rope:
+    """Rotary tables of one Rotary (per layer: plan.ropes): (cos, sin, rotary) as sublayers.qkv_forward takes."""
+    rotary: Any  # models.spec.Rotary
     cos_mem: torch.Tensor  # tables for positions 0..m-1
     sin_mem: torch.Tensor
     cos_all: torch.Tensor  # tables for positions 0..S-1
     sin_all: torch.Tensor
+    cos_ctx: torch.Tensor  # tables for positions m..S-1 (layer-0 context rows, once per write)
+    sin_ctx: torch.Tensor
+
+    @property
+    def mem(self):
+        return self.cos_mem, self.sin_mem, self.rotary
+
+    @property
+    def all(self):
+        return self.cos_all, self.sin_all, self.rotary
+
+    @property
+    def ctx(self):
+        return self.cos_ctx, self.sin_ctx, self.rotary
+
+
+def _ropes(spec, ops, m, T, device):
+    """Per layer, the Rope of its rotary (layer_rotary), or None; one set of tables per distinct Rotary."""
+    positions = torch.arange(m + T, device=device)
+    by_rotary = {}
+    ropes = []
+    for layer in spec.layers:
+        rotary = layer_rotary(spec, layer)
+        if rotary is not None and id(rotary) not in by_rotary:
+            by_rotary[id(rotary)] = Rope(rotary, *ops.rotary_tables(rotary, positions[:m]),
+                                         *ops.rotary_tables(rotary, positions),
+                                         *ops.rotary_tables(rotary, positions[m:]))
+        ropes.append(None if rotary is None else by_rotary[id(rotary)])
+    return tuple(ropes)
+
+
+def _fold_norm_offsets(spec):
+    """spec itself, or where a norm scales by (offset + w) (Gemma), a copy whose norms hold offset + w (made
+    once per write, so the norm ops take plain weights)."""
+    def fold(norm):
+        if norm is None or not norm.offset:
+            return norm
+        return replace(norm, weight=norm.weight + norm.offset, offset=0.0)
+
+    names = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
+    if not any(getattr(layer, n) is not None and getattr(layer, n).offset for layer in spec.layers for n in names) \
+            and not spec.final_norm.offset:
+        return spec
+    layers = tuple(replace(layer, **{n: fold(getattr(layer, n)) for n in names}) for layer in spec.layers)
+    return replace(spec, layers=layers, final_norm=fold(spec.final_norm))
 
 
 @dataclass
@@ -58,9 +107,10 @@ class Plan:
     row_weights: torch.Tensor  # (B*T,) fp32, 1/L_b on real rows, 0 on padding
     sample_weights: torch.Tensor  # (B, T) view of row_weights
     pos_mem: Optional[torch.Tensor]  # (m, d) learned positions of the memory rows, or None
-    rope: Optional[Rope]
-    qkv: tuple  # per layer, the q/k/v projection as one Linear (layers.qkv_linears)
-    down: tuple  # per layer, the MLP down projection as the engine runs it (layers.down_linears)
+    ropes: tuple  # per layer, its Rope or None
+    qkv: tuple  # per layer, the q/k/v projection as one Linear (sublayers.qkv_linears)
+    down: tuple  # per layer, the MLP down projection as the engine runs it (sublayers.down_linears)
+    qk_norm: tuple  # per layer, the q/k RMS norm's launches (sublayers.qk_norm_parts), or None
     layer0: Layer0Context
     head: HeadRows
 
@@ -111,6 +161,7 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     head_rows_count: R, how many of the B*T positions reach the head (real ones first); it must be at
     least the number of real tokens (sum of the mask), which is not checked. Default B*T.
     """
+    spec = _fold_norm_offsets(spec)
     B, T = input_ids.shape
     device = input_ids.device
     dtype = spec.embedding.dtype
@@ -125,28 +176,22 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     sample_weights = real.to(torch.float32) / ctx_lengths.to(torch.float32)[:, None]
     row_weights = sample_weights.reshape(B * T)
     x_ctx = F.embedding(input_ids, spec.embedding)
+    if spec.embedding_scale is not None:
+        x_ctx = x_ctx * spec.embedding_scale
     pos_mem = None
     if spec.position_embedding is not None:
         x_ctx = x_ctx + spec.position_embedding[m:m + T]
         pos_mem = spec.position_embedding[:m]
-    rope = None
-    if spec.rotary is not None:
-        positions = torch.arange(m + T, device=device)
-        cos_all, sin_all = ops.rotary_tables(spec.rotary, positions)
-        cos_mem, sin_mem = ops.rotary_tables(spec.rotary, positions[:m])
-        cos_ctx, sin_ctx = ops.rotary_tables(spec.rotary, positions[m:])
-        rope = Rope(cos_mem, sin_mem, cos_all, sin_all)
-        ctx_tables = (cos_ctx, sin_ctx)
-    else:
-        ctx_tables = None
+    ropes = _ropes(spec, ops, m, T, device)
     head = spec.lm_head.weight if write_head is None else write_head
     head = head.to(dtype)
     proj_weight = proj_bias = None
     if memory_proj is not None:
         proj_weight, proj_bias = memory_proj.weight, memory_proj.bias
-    qkv, down = qkv_linears(spec), down_linears(spec)
-    layer0 = layer0_context(spec, ops, qkv[0], down[0], x_ctx, ctx_lengths, ctx_tables, m)
+    qkv, down, qk_norm = qkv_linears(spec), down_linears(spec), qk_norm_parts(spec)
+    layer0 = layer0_context(spec, ops, qkv[0], down[0], qk_norm[0], x_ctx, ctx_lengths,
+                            None if ropes[0] is None else ropes[0].ctx, m)
     return Plan(spec=spec, ops=ops, B=B, T=T, m=m, dtype=dtype, memory_dtype=memory_dtype,
                 proj_weight=proj_weight, proj_bias=proj_bias, ctx_lengths=ctx_lengths, full_lengths=full_lengths,
                 targets=targets, row_weights=row_weights, sample_weights=sample_weights, pos_mem=pos_mem,
-                rope=rope, qkv=qkv, down=down, layer0=layer0, head=head_rows(real, targets, row_weights, head, B, T, m, R))
+                ropes=ropes, qkv=qkv, down=down, qk_norm=qk_norm, layer0=layer0, head=head_rows(real, targets, row_weights, head, B, T, m, R))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..models import describe
 from ..ops.head_loss import fused_head_loss_reference
 from ..ops.memory_update import memory_update__reference
-from .layers import down_linears, qkv_linears
+from .sublayers import down_linears, qkv_linears
 from .recompute_layers import layer_backward, layer_forward
 from .ops import ops_for
 

@@ -1,6 +1,6 @@
 """The per-layer forward and input-gradient backward of layers.py, out of place, for autograd.
 
-layers.py rotates q/k in place on views of one projection output and writes dq/dk/dv into views of one
+layers.py and sublayers.py rotate q/k in place on views of one projection output and writes dq/dk/dv into views of one
 buffer; autograd refuses in-place writes into views that `split` returns. These functions compute the
 same values with the same ops and formulas (engine.md, "A layer"), but every rotation acts on a copy
 and the q/k/v gradient is assembled by concatenation, so a step built from them can be differentiated.
@@ -12,7 +12,9 @@ Shapes: (B, S, d) streams, q (B, S, H, D), k and v (B, S, Hkv, D).
 import torch
 
 from ..ops.attention_double_backward import attention_backward_op, attention_op
-from .layers import linear_input_grad, mlp_backward, mlp_forward, output_projection, qkv_project
+from ..models.forward import linear
+from ..models.qkv import split_qkv
+from .sublayers import linear_input_grad, mlp_backward, mlp_forward, output_projection
 
 
 def _rotate(spec, ops, x, rope, inverse=False):
@@ -32,7 +34,7 @@ def _qkv_gradient(spec, dq, dk, dv):
 def attention_block_forward(plan, i, a, addend=None):
     """a (B, S, d) normed input -> (o Wo^T + b, or addend + o Wo^T without the bias; saved)."""
     spec, ops, layer = plan.spec, plan.ops, plan.spec.layers[i]
-    q, k, v, _ = qkv_project(spec, plan.qkv[i], a)
+    q, k, v, _ = split_qkv(spec, linear(a, plan.qkv[i]))
     q, k = _rotate(spec, ops, q, plan.rope), _rotate(spec, ops, k, plan.rope)
     o = attention_op(q, k, v, plan.full_lengths, spec.attn_scale, validate=False)
     return output_projection(o, layer.o, addend), (q, k, v, o.shape)

@@ -20,6 +20,9 @@ from .recompute import StepConstants, memory_update, step_constants, step_loss_a
 from .specs import spec_of
 from .step import write_step
 
+# the adapters whose layers recompute_layers.py reproduces (llama covers Llama, Mistral and Qwen2)
+RECOMPUTED_FAMILIES = ("llama", "gpt2", "gpt_neox")
+
 
 def meta_parameters(model, write_head, memory_proj):
     """The tensors besides the memory that a meta-gradient reaches, each once: the model's parameters, the
@@ -33,6 +36,19 @@ def meta_parameters(model, write_head, memory_proj):
             seen.add(id(t))
             found.append(t)
     return found
+
+
+def recompute_reason(spec):
+    """None when the recomputed step (recompute.py) reproduces this model's layers, else why not."""
+    if spec.family not in RECOMPUTED_FAMILIES:
+        return (f"a second-order (or differentiable-loss) fast write does not cover the {spec.family!r} adapter "
+                f"yet (covered: {', '.join(RECOMPUTED_FAMILIES)})")
+    if spec.block not in ("pre", "parallel") or spec.qk_norm is not None or spec.embedding_scale is not None:
+        return ("a second-order (or differentiable-loss) fast write covers pre-norm and parallel blocks without "
+                "q/k norms or embedding scaling")
+    if any(layer.rotary is not None for layer in spec.layers):
+        return "a second-order (or differentiable-loss) fast write does not cover per-layer rotary tables"
+    return None
 
 
 def needs_meta_write(model, memory, grad_mode, return_losses, write_head, memory_proj):

@@ -3,20 +3,19 @@ import os
 
 import torch
 
+from ..backends import resolve_op_backend
 from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
-from .second_order import meta_write, needs_meta_write
+from .second_order import meta_write, needs_meta_write, recompute_reason
 from .specs import spec_of
 from .step import write_step
 
-ENV_OP_BACKEND = "GRADMEM_FAST_OP_BACKEND"
 ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
-OP_BACKENDS = ("auto", "kernel", "reference")
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None):
+def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=None, return_losses=False):
     """None when fast_write can take this call, else why not (one string). seq_len: m + T when known."""
     try:
         from ..models import UnsupportedModel
@@ -28,21 +27,19 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
         return str(exc)
     if spec.embedding.dtype not in MODEL_DTYPES:
         return f"model dtype {spec.embedding.dtype} is not one of float32, float16, bfloat16"
-    if write_head is None and spec.lm_head.bias is not None:
-        return "the model's LM head has a bias, which the fused head loss does not take"
     if isinstance(memory, torch.Tensor) and memory.dtype not in MODEL_DTYPES + (torch.float64,):
         return f"memory dtype {memory.dtype} is not supported"
     if seq_len is not None and spec.max_positions is not None and seq_len > spec.max_positions:
         return (f"memory rows + tokens = {seq_len} exceeds the model's limit {spec.max_positions} (position "
                 "table or sliding window), which the fast engine does not cover")
+    if isinstance(memory, torch.Tensor) and needs_meta_write(model, memory, grad_mode, return_losses, write_head,
+                                                             memory_proj):
+        return recompute_reason(spec)
     return None
 
 
 def _op_backend(op_backend):
-    backend = op_backend or os.environ.get(ENV_OP_BACKEND) or "auto"
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"op_backend {backend!r} is not one of {OP_BACKENDS}")
-    return backend
+    return resolve_op_backend(op_backend or None)
 
 
 def _use_graphs(device, use_graphs):

@@ -3,13 +3,17 @@
     spec = describe(model)        # views of the model's parameters; UnsupportedModel otherwise
     reason = model_reason(model)  # None when describe() works, else why not
 """
-from . import gpt2, gpt_neox, llama
+from . import gemma3, gpt2, gpt_neox, llama, olmo2, phi3
 from .spec import Layer, Linear, ModelSpec, Norm, Rotary, UnsupportedModel
 
 _FAMILIES = {
     "llama": llama.describe,
     "mistral": llama.describe,
     "qwen2": llama.describe,
+    "qwen3": llama.describe,
+    "olmo2": olmo2.describe,
+    "phi3": phi3.describe,
+    "gemma3_text": gemma3.describe,
     "gpt2": gpt2.describe,
     "gpt_neox": gpt_neox.describe,
 }

@@ -6,24 +6,45 @@ float64 for float64 inputs) and are cast back to the input dtype.
 import torch
 import torch.nn.functional as F
 
+from ..ops.dtypes import acc_dtype as _acc
 from .qkv import qkv_project
 from .spec import Linear, ModelSpec, Norm, Rotary
-
-
-def _acc(dtype):
-    return torch.promote_types(dtype, torch.float32)
 
 
 def linear(x, lin: Linear):
     return F.linear(x, lin.weight, lin.bias)
 
 
+def rms_norm(n: Norm, x):
+    xf = x.to(_acc(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
+    if n.offset:  # Gemma: scaled by (1 + w) in the accumulation dtype, then cast
+        return (y * (n.offset + n.weight.to(y.dtype))).to(x.dtype)
+    return n.weight * y.to(x.dtype)
+
+
 def norm(spec: ModelSpec, n: Norm, x):
+    """n(x) over the last dim; x itself when n is None (a block without that norm)."""
+    if n is None:
+        return x
     if spec.norm_kind == "rms":
-        xf = x.to(_acc(x.dtype))
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
-        return n.weight * y.to(x.dtype)
+        return rms_norm(n, x)
     return F.layer_norm(x, (x.shape[-1],), n.weight, n.bias, n.eps)
+
+
+def qk_norm(spec: ModelSpec, layer, q, k):
+    """q (B, S, H, hd), k (B, S, Hkv, hd) after their RMS norms (ModelSpec.qk_norm), before rotary."""
+    if spec.qk_norm is None:
+        return q, k
+    if spec.qk_norm == "head":
+        return rms_norm(layer.q_norm, q), rms_norm(layer.k_norm, k)
+    return (rms_norm(layer.q_norm, q.flatten(-2)).view(q.shape),
+            rms_norm(layer.k_norm, k.flatten(-2)).view(k.shape))
+
+
+def layer_rotary(spec: ModelSpec, layer):
+    """The layer's Rotary: its own where it has one (Layer.rotary), else the model's (None: no rotary)."""
+    return spec.rotary if layer.rotary is None else layer.rotary
 
 
 def rotary_cos_sin(rotary: Rotary, seq_len: int, dtype, device):
@@ -70,6 +91,8 @@ def attention(q, k, v, scale: float, key_valid=None):
 def mlp(spec: ModelSpec, layer, x):
     if spec.activation == "swiglu":
         return linear(F.silu(linear(x, layer.gate)) * linear(x, layer.up), layer.down)
+    if spec.activation == "geglu_tanh":
+        return linear(F.gelu(linear(x, layer.gate), approximate="tanh") * linear(x, layer.up), layer.down)
     approximate = "tanh" if spec.activation == "gelu_tanh" else "none"
     return linear(F.gelu(linear(x, layer.up), approximate=approximate), layer.down)
 
@@ -109,17 +132,20 @@ def forward_hidden(spec: ModelSpec, inputs_embeds: torch.Tensor, lengths=None, *
     key_valid = None
     if lengths is not None:
         key_valid = torch.arange(S, device=h.device)[None, :] < lengths[:, None]
-    cos = sin = None
-    if spec.rotary is not None:
-        cos, sin = rotary_cos_sin(spec.rotary, S, h.dtype, h.device)
+    tables = {}  # id(rotary) -> (cos, sin)
     for layer in spec.layers:
         q, k, v = qkv_project(spec, layer, norm(spec, layer.attn_norm, h), validate=False)
-        if spec.rotary is not None:
-            q, k = apply_rotary(spec.rotary, q, cos, sin), apply_rotary(spec.rotary, k, cos, sin)
+        q, k = qk_norm(spec, layer, q, k)
+        rotary = layer_rotary(spec, layer)
+        if rotary is not None:
+            if id(rotary) not in tables:
+                tables[id(rotary)] = rotary_cos_sin(rotary, S, h.dtype, h.device)
+            cos, sin = tables[id(rotary)]
+            q, k = apply_rotary(rotary, q, cos, sin), apply_rotary(rotary, k, cos, sin)
         a = linear(attention(q, k, v, spec.attn_scale, key_valid), layer.o)
         if spec.parallel_residual:
             h = mlp(spec, layer, norm(spec, layer.mlp_norm, h)) + a + h
         else:
-            h = h + a
-            h = h + mlp(spec, layer, norm(spec, layer.mlp_norm, h))
+            h = h + norm(spec, layer.post_attn_norm, a)
+            h = h + norm(spec, layer.post_mlp_norm, mlp(spec, layer, norm(spec, layer.mlp_norm, h)))
     return norm(spec, spec.final_norm, h)

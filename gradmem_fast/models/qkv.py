@@ -34,6 +34,22 @@ def _weight(spec, L):
     return L.q.weight if spec.qkv_layout == "separate" else L.qkv.weight
 
 
+def split_qkv(spec: ModelSpec, y: torch.Tensor):
+    """y (B, S, out) laid out like the fused projection output -> (q, k, v, qk): (B, S, H, hd) views, and qk
+    the view of q and k together: (B, S, H + Hkv, hd) for the [q | k | v] layouts ("separate" fused once per
+    write, "concat"), (B, S, H, 2, hd) for "per_head" [q_h | k_h | v_h]."""
+    H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if spec.qkv_layout == "per_head":
+        heads = y.unflatten(-1, (H, 3, hd))
+        q, k, v = heads.unbind(-2)
+        return q, k, v, heads[..., :2, :]
+    if spec.qkv_layout not in ("separate", "concat"):
+        raise ValueError(f"spec.qkv_layout must be 'separate', 'concat' or 'per_head', got {spec.qkv_layout!r}")
+    qk, v = y.split(((H + Hkv) * hd, Hkv * hd), dim=-1)
+    qk = qk.unflatten(-1, (H + Hkv, hd))
+    return qk[..., :H, :], qk[..., H:, :], v.unflatten(-1, (Hkv, hd)), qk
+
+
 def qkv_project(spec: ModelSpec, layer, x: torch.Tensor, *, validate: bool = True):
     """x (B, S, d) -> q (B, S, Hq, hd), k (B, S, Hkv, hd), v (B, S, Hkv, hd)."""
     L = _layer(spec, layer)
@@ -45,14 +61,7 @@ def qkv_project(spec: ModelSpec, layer, x: torch.Tensor, *, validate: bool = Tru
         k = F.linear(x, L.k.weight, L.k.bias)
         v = F.linear(x, L.v.weight, L.v.bias)
         return q.unflatten(-1, (H, hd)), k.unflatten(-1, (Hkv, hd)), v.unflatten(-1, (Hkv, hd))
-    y = F.linear(x, L.qkv.weight, L.qkv.bias)
-    if spec.qkv_layout == "concat":
-        q, k, v = y.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
-        return q.unflatten(-1, (H, hd)), k.unflatten(-1, (Hkv, hd)), v.unflatten(-1, (Hkv, hd))
-    if spec.qkv_layout == "per_head":
-        q, k, v = y.unflatten(-1, (H, 3, hd)).unbind(-2)
-        return q, k, v
-    raise ValueError(f"spec.qkv_layout must be 'separate', 'concat' or 'per_head', got {spec.qkv_layout!r}")
+    return split_qkv(spec, F.linear(x, L.qkv.weight, L.qkv.bias))[:3]
 
 
 def qkv_project_backward(spec: ModelSpec, layer, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,

@@ -24,6 +24,7 @@ class Norm:
     weight: torch.Tensor  # (d,)
     bias: Optional[torch.Tensor]  # (d,) for LayerNorm with bias, else None
     eps: float
+    offset: float = 0.0  # the norm scales by (offset + weight): 1.0 for Gemma's RMSNorm, else 0.0
 
 
 @dataclass(frozen=True)
@@ -36,22 +37,35 @@ class Rotary:
 
 @dataclass(frozen=True)
 class Layer:
-    attn_norm: Norm
+    """One block. Which norms are present gives its structure (ModelSpec.block):
+    pre-norm       attn_norm, mlp_norm                    h1 = h + attn(n1(h));  h2 = h1 + mlp(n2(h1))
+    post-norm      post_attn_norm, post_mlp_norm          h1 = h + n1(attn(h));  h2 = h1 + n2(mlp(h1))
+    sandwich       all four                               h1 = h + n1'(attn(n1(h)));  h2 = h1 + n2'(mlp(n2(h1)))
+    parallel       attn_norm, mlp_norm (parallel_residual) h' = h + attn(n1(h)) + mlp(n2(h))
+    """
+    attn_norm: Optional[Norm]  # before attention; None in a post-norm block
     # qkv layout, see ModelSpec.qkv_layout: "separate" uses q, k, v; "concat" and "per_head" use qkv
     q: Optional[Linear]
     k: Optional[Linear]
     v: Optional[Linear]
     qkv: Optional[Linear]
     o: Linear
-    mlp_norm: Norm
-    gate: Optional[Linear]  # gated MLP (SwiGLU) only
+    mlp_norm: Optional[Norm]  # before the MLP; None in a post-norm block
+    gate: Optional[Linear]  # gated MLP (GATED activations) only
     up: Linear
     down: Linear
+    post_attn_norm: Optional[Norm] = None  # on the attention output, before the residual add
+    post_mlp_norm: Optional[Norm] = None  # on the MLP output, before the residual add
+    # RMS norms of q and k (ModelSpec.qk_norm): weight (head_dim,) per head, or (H * head_dim,) and
+    # (Hkv * head_dim,) over the whole projection
+    q_norm: Optional[Norm] = None
+    k_norm: Optional[Norm] = None
+    rotary: Optional[Rotary] = None  # this layer's own rotary (Gemma 3's local layers); None: ModelSpec.rotary
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "llama" (Llama, Mistral, Qwen2), "gpt2", "gpt_neox"
+    family: str  # the adapter: "llama" (Llama, Mistral, Qwen2, Qwen3), "olmo2", "phi3", "gpt2", "gpt_neox"
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -59,7 +73,7 @@ class ModelSpec:
     head_dim: int
     vocab_size: int
     norm_kind: str  # "rms" or "layer"
-    activation: str  # "swiglu", "gelu_tanh" or "gelu"
+    activation: str  # "swiglu", "geglu_tanh" (gated, Gemma), "gelu_tanh" or "gelu"
     qkv_layout: str  # "separate", "concat" (q|k|v blocks, GPT-2) or "per_head" ([h, 3, hd], NeoX)
     parallel_residual: bool  # GPT-NeoX use_parallel_residual
     attn_scale: float  # softmax scale, usually head_dim ** -0.5
@@ -73,6 +87,22 @@ class ModelSpec:
     lm_head: Linear  # (V, d), bias when the model's head has one
     tied_head: bool
     layers: Tuple[Layer, ...]
+    # RMS norm of q and k before rotary: "head" over each head's head_dim dims (Qwen3, Gemma 3), "full"
+    # over the whole q (H * head_dim) and k (Hkv * head_dim) projection (OLMo 2), None: no q/k norm
+    qk_norm: Optional[str] = None
+    # multiplies the token embeddings (Gemma: sqrt(d), rounded to the model dtype); None: no scaling. The
+    # memory rows are not scaled (they enter after the embedding).
+    embedding_scale: Optional[float] = None
+
+    @property
+    def block(self) -> str:
+        """"pre", "post", "sandwich" or "parallel" (Layer); every layer has the same structure."""
+        if self.parallel_residual:
+            return "parallel"
+        layer = self.layers[0]
+        if layer.attn_norm is None:
+            return "post"
+        return "pre" if layer.post_attn_norm is None else "sandwich"
 
 
 class UnsupportedModel(ValueError):
@@ -105,6 +135,8 @@ def linear_of(module) -> Linear:
 # rope types whose frequencies are fixed at construction (the forward only reads inv_freq and
 # attention_scaling); "dynamic" and "longrope" recompute them from the sequence length
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+GATED = ("swiglu", "geglu_tanh")  # act(gate(x)) * up(x)
 
 ACTIVATIONS = {
     "silu": "silu",

@@ -5,6 +5,7 @@ import math
 import torch
 
 from .. import _ext
+from .dtypes import acc_dtype
 
 APPROXIMATIONS = ("tanh", "none")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -14,7 +15,7 @@ _GELU_C = 0.044715
 
 
 def _acc(t):
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.to(acc_dtype(t.dtype))
 
 
 # ---------------------------------------------------------------- pure-PyTorch twins

@@ -6,12 +6,9 @@ residual stream), never a weight or bias gradient. Derivation: fused_ops.md.
 import torch
 
 from .. import _ext
+from .dtypes import acc_dtype
 
 KINDS = ("rms", "layer")
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- pure-PyTorch twins
@@ -21,7 +18,7 @@ def add_norm_forward_reference(x, residual, weight, bias, eps, kind):
     """y, residual_out, stats. x, residual (..., d); weight, bias (d,); stats (rows, 2) = (mean, rstd)
     in float32 (float64 for float64 inputs); mean is 0 for kind "rms"."""
     residual_out = x if residual is None else (x + residual)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     h = residual_out.reshape(-1, x.shape[-1]).to(acc)
     if kind == "rms":
         mean = torch.zeros(h.shape[0], dtype=acc, device=h.device)
@@ -43,7 +40,7 @@ def add_norm_backward_reference(dy, d_residual_out, residual_out, weight, stats,
     """Gradient w.r.t. residual_out: norm input-gradient of dy plus d_residual_out (may be None, and may
     have any strides)."""
     d = residual_out.shape[-1]
-    acc = _acc_dtype(residual_out.dtype)
+    acc = acc_dtype(residual_out.dtype)
     h = residual_out.reshape(-1, d).to(acc)
     mean, rstd = stats[:, 0:1].to(acc), stats[:, 1:2].to(acc)
     xhat = (h - mean) * rstd

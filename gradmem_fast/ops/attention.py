@@ -12,16 +12,16 @@ context-over-context part of their attention is computed once per write
 (`memory_attention_forward`); the backward returns only what the memory needs. See attention.md.
 """
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
 
 from .._triton import triton_reason
+from ..backends import OP_BACKENDS, check_op_backend, on_host, use_kernel
+from .dtypes import acc_dtype
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = OP_BACKENDS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_warned = set()
 
 
 class ContextState(NamedTuple):
@@ -38,10 +38,6 @@ class ContextState(NamedTuple):
 
 
 # ---------------------------------------------------------------- pure-PyTorch twins
-
-
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _expand_kv(x, group):
@@ -68,7 +64,7 @@ def _causal_mask(lengths, S, device):
 
 def attention_forward_reference(q, k, v, lengths, scale):
     """o (B, S, Hq, D) in q's dtype and lse (B, Hq, S) float32; see the module docstring."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q.dtype)
     group = q.shape[2] // k.shape[2]
     S = q.shape[1]
     qh = _heads_first(q, acc)
@@ -102,7 +98,7 @@ def _attention_grads(do, q, k, v, o, lse, mask, scale, acc):
 
 def attention_backward_reference(do, q, k, v, o, lse, lengths, scale):
     """dq (B, S, Hq, D), dk and dv (B, S, Hkv, D) summed over each group, in q's dtype."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q.dtype)
     group = q.shape[2] // k.shape[2]
     mask = _causal_mask(lengths, q.shape[1], q.device)
     dq, dk, dv = _attention_grads(do, q, k, v, o, lse, mask, scale, acc)
@@ -112,7 +108,7 @@ def attention_backward_reference(do, q, k, v, o, lse, lengths, scale):
 
 def context_attention_state_reference(q_ctx, k_ctx, v_ctx, ctx_lengths, scale):
     """ContextState of the context rows over context keys; see ContextState."""
-    acc = _acc_dtype(q_ctx)
+    acc = acc_dtype(q_ctx.dtype)
     group = q_ctx.shape[2] // k_ctx.shape[2]
     T = q_ctx.shape[1]
     mask = _causal_mask(ctx_lengths, T, q_ctx.device)
@@ -137,7 +133,7 @@ def _memory_row_lengths(q_mem):
 
 def memory_attention_forward_reference(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, scale):
     """o (B, m+T, Hq, D) in q's dtype and lse (B, Hq, m+T) float32 for [memory; context] rows."""
-    acc = _acc_dtype(q_mem)
+    acc = acc_dtype(q_mem.dtype)
     group = q_mem.shape[2] // k_mem.shape[2]
     T = q_ctx.shape[1]
     o_mem, lse_mem = attention_forward_reference(q_mem, k_mem, v_mem, _memory_row_lengths(q_mem), scale)
@@ -159,7 +155,7 @@ def memory_attention_forward_reference(q_mem, k_mem, v_mem, q_ctx, state, ctx_le
 
 def memory_attention_backward_reference(do, q_mem, k_mem, v_mem, q_ctx, o, lse, ctx_lengths, scale):
     """dq_mem (B, m, Hq, D), dk_mem and dv_mem (B, m, Hkv, D) in q's dtype, from all m+T rows."""
-    acc = _acc_dtype(q_mem)
+    acc = acc_dtype(q_mem.dtype)
     group = q_mem.shape[2] // k_mem.shape[2]
     B, m = q_mem.shape[0], q_mem.shape[1]
     T = q_ctx.shape[1]
@@ -232,8 +228,7 @@ def _check_like(name, t, shape, dtype, device):
 
 
 def _check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_op_backend(backend)
 
 
 def kernel_reason(*tensors):
@@ -253,20 +248,10 @@ def kernel_reason(*tensors):
 
 
 def _use_kernel(backend, op, *tensors):
-    _check_backend(backend)
-    if backend == "reference":
-        return False
     why = kernel_reason(*tensors)
-    if why is None:
-        return True
-    if backend == "kernel":
-        raise RuntimeError(f"{op}: the Triton kernel cannot run: {why}")
-    if tensors[0].device.type != "cpu" or why.startswith("dtype") or why.startswith("head"):
-        message = f"{op} falls back to the PyTorch reference: {why}"
-        if message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, stacklevel=3)
-    return False
+    if why is not None and why == triton_reason(*tensors):
+        why = on_host(why)  # tensors where Triton does not run (CPU without the interpreter): the twin
+    return use_kernel(backend, op, why, "Triton kernel")
 
 
 def _fill(outs, results):

@@ -12,13 +12,14 @@ so grad_hidden is the gradient of sum_i w_i * loss_i with respect to hidden. The
 gradient. Rows with w_i == 0 give loss 0 and gradient 0 whatever their hidden values and targets
 (their targets need not be in [0, V)). See head_loss.md for the derivation and the kernels.
 """
-import warnings
 
 import torch
 
 from .._triton import interpreter_on, triton_reason
+from ..backends import OP_BACKENDS, check_op_backend, on_host, use_kernel
+from .dtypes import acc_dtype
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = OP_BACKENDS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the twin also takes float64 (then it computes in float64)
 DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -26,13 +27,9 @@ DTYPES = KERNEL_DTYPES + (torch.float64,)
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _outputs(hidden, loss_out, grad_out):
     N = hidden.shape[0]
-    loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss_dtype = acc_dtype(hidden.dtype)
     loss = loss_out if loss_out is not None else torch.empty(N, dtype=loss_dtype, device=hidden.device)
     grad = grad_out if grad_out is not None else torch.empty_like(hidden, memory_format=torch.contiguous_format)
     return loss, grad
@@ -42,7 +39,7 @@ def fused_head_loss_reference(hidden, weight, targets, row_weights, *, loss_out=
     """Pure PyTorch twin of `fused_head_loss`: fp32 arithmetic (float64 for float64 inputs, whose loss
     is then float64 too), logits built a bounded chunk of rows at a time. Arguments and results as in
     `fused_head_loss`."""
-    ct = _compute_dtype(hidden.dtype)
+    ct = acc_dtype(hidden.dtype)
     loss, grad = _outputs(hidden, loss_out, grad_out)
     N, V = hidden.shape[0], weight.shape[0]
     w_full = weight.to(ct)
@@ -85,8 +82,7 @@ def kernel_reason(hidden, weight, targets, row_weights):
 
 
 def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    check_op_backend(backend)
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("row_weights", row_weights)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -109,7 +105,7 @@ def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
     if loss_out is not None:
-        loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        loss_dtype = acc_dtype(hidden.dtype)
         if loss_out.shape != (N,) or loss_out.dtype != loss_dtype or loss_out.device != hidden.device \
                 or not loss_out.is_contiguous():
             raise ValueError(f"loss_out must be a contiguous ({N},) {loss_dtype} tensor on {hidden.device}, got "
@@ -127,9 +123,6 @@ def _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, V = {weight.shape[0]}) "
                              f"on a row with nonzero weight")
-
-
-_warned = set()
 
 
 def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad_out=None, backend="auto",
@@ -153,20 +146,15 @@ def fused_head_loss(hidden, weight, targets, row_weights, *, loss_out=None, grad
     """
     if validate:
         _check(hidden, weight, targets, row_weights, loss_out, grad_out, backend)
-    if backend != "reference":
-        reason = kernel_reason(hidden, weight, targets, row_weights)
-        if reason is None:
-            from ..kernels.head_loss import head_loss
+    reason = None if backend == "reference" else kernel_reason(hidden, weight, targets, row_weights)
+    if reason is not None and hidden.device.type != "cuda":
+        reason = on_host(reason)  # CPU tensors take the twin by design
+    if use_kernel(backend, "fused_head_loss", reason, "Triton kernels"):
+        from ..kernels.head_loss import head_loss
 
-            loss, grad = _outputs(hidden, loss_out, grad_out)
-            head_loss(hidden, weight, targets, row_weights, loss, grad)
-            return loss, grad
-        if backend == "kernel":
-            raise RuntimeError(f"fused_head_loss backend='kernel' cannot run: {reason}")
-        if hidden.device.type == "cuda" and reason not in _warned:  # CPU takes the twin by design
-            _warned.add(reason)
-            warnings.warn(f"fused_head_loss: the Triton kernels cannot run ({reason}); using the PyTorch twin",
-                          stacklevel=2)
+        loss, grad = _outputs(hidden, loss_out, grad_out)
+        head_loss(hidden, weight, targets, row_weights, loss, grad)
+        return loss, grad
     return fused_head_loss_reference(hidden, weight, targets, row_weights, loss_out=loss_out, grad_out=grad_out)
 
 

@@ -6,6 +6,7 @@ captured CUDA graph can be replayed with another step size.
 import torch
 
 from .. import _ext
+from .dtypes import acc_dtype
 
 NORM_EPS = 1e-6
 
@@ -13,7 +14,7 @@ NORM_EPS = 1e-6
 def memory_update__reference(memory, grad, lr, *, clip_value=None, clip_norm=None):
     """In place: g = grad (float32); clamp to [-clip_value, clip_value]; scale sample b by
     min(1, clip_norm / (||g_b||_2 + 1e-6)); memory -= lr * g in float32 (float64 for float64)."""
-    acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(memory.dtype)
     g = grad.to(acc)
     if clip_value is not None:
         g = g.clamp(-clip_value, clip_value)

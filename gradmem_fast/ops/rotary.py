@@ -7,6 +7,7 @@ sign flipped): the backward of `apply_rotary_` is `apply_rotary_` on the gradien
 import torch
 
 from .. import _ext
+from .dtypes import acc_dtype
 
 # ---------------------------------------------------------------- pure-PyTorch twins
 
@@ -28,7 +29,7 @@ def _pairs(x, rotary_dim, interleaved):
 def apply_rotary__reference(x, cos, sin, *, rotary_dim, interleaved=False, inverse=False):
     """In place: each pair (a, b) of the first rotary_dim features of x (B, S, H, D) or (B, S, H, G, D)
     becomes (a cos - b sin, b cos + a sin) with row s of the tables for x[:, s]; inverse flips sin's sign."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     a, b = _pairs(x, rotary_dim, interleaved)
     table_shape = (1, cos.shape[0]) + (1,) * (x.dim() - 3) + (cos.shape[1],)
     c = cos.to(acc).view(table_shape)

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import gradmem_fast.ops.attention as attention
+import gradmem_fast.ops.geglu as geglu
 import gradmem_fast.ops.head_loss as head_loss
+import gradmem_fast.ops.qk_norm as qk_norm
 import gradmem_fast.reference
 from gradmem_fast.engine import fast_write
 from helpers import random_batch, tiny_model
@@ -16,6 +18,10 @@ WIDE = {  # head dim 16 so the attention kernels take the call
     "llama": dict(hidden_size=64, intermediate_size=96),
     "gpt2": dict(n_embd=64),
     "gpt_neox": dict(hidden_size=64, intermediate_size=96),
+    "qwen3": dict(hidden_size=64, intermediate_size=96, head_dim=16),
+    "olmo2": dict(hidden_size=64, intermediate_size=96),
+    "phi3": dict(hidden_size=64, intermediate_size=96),
+    "gemma3_text": dict(hidden_size=64, intermediate_size=96, head_dim=16),
 }
 
 
@@ -100,6 +106,8 @@ TRITON_OPS = {
     attention: ("attention_forward", "attention_backward", "context_attention_state", "memory_attention_forward",
                 "memory_attention_backward"),
     head_loss: ("fused_head_loss",),
+    qk_norm: ("qk_norm_forward", "qk_norm_backward"),
+    geglu: ("geglu_forward", "geglu_backward"),
 }
 
 

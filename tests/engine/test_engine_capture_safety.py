@@ -23,7 +23,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradmem_fast.ops.attention as attention
+import gradmem_fast.ops.geglu as geglu
 import gradmem_fast.ops.head_loss as head_loss
+import gradmem_fast.ops.qk_norm as qk_norm
 from engine_cases import WIDE, cast, make_options, model_on, model_pair
 from gradmem_fast.engine import graphs
 from gradmem_fast.engine.ops import ops_for
@@ -197,6 +199,7 @@ def _clean(x):
 @pytest.mark.parametrize("fn", [_item, _float_and_branch, _bool_mask, _bool_mask_put, _nonzero, _python_data,
                                 _tensor_repeats])
 @pytest.mark.parametrize("fake_cuda", [False, True])
+@pytest.mark.needs_cuda_build
 def test_checker_fails_on_host_sync(fn, fake_cuda):
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     if fake_cuda:
@@ -217,6 +220,7 @@ def test_checker_names_the_op_and_the_line():
 @pytest.mark.parametrize("move", [lambda x: x.cpu() * 2, lambda x: x + torch.ones(3).to("cuda"),
                                   lambda x: x * torch.ones((), dtype=x.dtype), lambda x: x.new_empty(3).copy_(
                                       torch.ones(3))])
+@pytest.mark.needs_cuda_build
 def test_checker_fails_on_device_moves(move):
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.ones(3)).to("cuda")
@@ -225,6 +229,7 @@ def test_checker_fails_on_device_moves(move):
 
 
 @pytest.mark.parametrize("fake_cuda", [False, True])
+@pytest.mark.needs_cuda_build
 def test_checker_passes_capturable_code(fake_cuda):
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     if fake_cuda:
@@ -330,14 +335,18 @@ def _refuse(name):
 
 
 @pytest.mark.parametrize("family, B, T, lengths, m", [("llama", 1, 5, None, 2), ("llama", 2, 6, [6, 3], 2),
-                                                     ("gpt2", 2, 6, [6, 3], 2), ("gpt_neox", 2, 6, [6, 3], 2)])
+                                                     ("gpt2", 2, 6, [6, 3], 2), ("gpt_neox", 2, 6, [6, 3], 2),
+                                                     ("qwen3", 2, 6, [6, 3], 2), ("olmo2", 1, 5, None, 2),
+                                                     ("phi3", 2, 6, [6, 3], 2), ("gemma3_text", 2, 6, [6, 3], 2)])
+@pytest.mark.needs_triton
 def test_kernel_engine_is_capturable(family, B, T, lengths, m, monkeypatch):
     """The Triton kernels (interpreter) for attention and head + loss. The csrc ops take their twins here:
     op_backend="kernel" would raise on CPU tensors, so "auto" is used and the twins of the Triton ops are
     made to fail, proving the kernels ran."""
     for module, names in ((attention, ("attention_forward", "attention_backward", "context_attention_state",
                                        "memory_attention_forward", "memory_attention_backward")),
-                          (head_loss, ("fused_head_loss",))):
+                          (head_loss, ("fused_head_loss",)), (qk_norm, ("qk_norm_forward", "qk_norm_backward")),
+                          (geglu, ("geglu_forward", "geglu_backward"))):
         for name in names:
             monkeypatch.setattr(module, name + "_reference", _refuse(name))
     model = model_pair(family, **WIDE[family])[0]
@@ -368,6 +377,7 @@ def _fake_cuda(value, mode, memo):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("B, T, lengths, m", CASES)
+@pytest.mark.needs_cuda_build
 def test_engine_on_fake_cuda_is_capturable(family, B, T, lengths, m):
     """Fake CUDA tensors: a device move, a host tensor in a device op or a value read back shows here."""
     model = model_pair(family)[0]
@@ -529,6 +539,7 @@ def test_graph_writes_on_two_streams_match_eager():
         assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.needs_cuda_build
 def test_fast_write_runs_with_the_tensors_device_current(monkeypatch):
     """Triton launches on the current device: the eager loop (fake CUDA tensors here) runs each step with
     the tensors' device made current."""

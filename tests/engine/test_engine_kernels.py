@@ -11,7 +11,14 @@ from helpers import rel_err
     ("llama", 2, 9, [9, 4], 3, 2, 1e-4),
     ("gpt2", 1, 6, None, 2, 1, 1e-4),
     ("gpt_neox", 2, 5, [5, 1], 1, 1, 1e-4),
+    ("qwen3", 2, 7, [7, 3], 2, 2, 1e-4),
+    ("olmo2", 2, 6, [6, 2], 3, 2, 1e-4),
+    ("olmo2", 1, 5, None, 2, 1, 1e-4),
+    ("phi3", 2, 6, [6, 4], 2, 1, 1e-4),
+    ("gemma3_text", 2, 6, [6, 3], 2, 2, 1e-4),
+    ("gemma3_text", 1, 5, None, 3, 1, 1e-4),
 ])
+@pytest.mark.needs_triton
 def test_kernels_fp32(family, B, T, lengths, m, steps, tol, monkeypatch):
     # a silent fallback to a twin would make this test pointless: the twins must not be reached
     refuse_twins(monkeypatch, TRITON_OPS)

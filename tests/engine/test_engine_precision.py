@@ -34,6 +34,8 @@ def error_sums(family, dtype, device, op_backend, use_graphs=None, **overrides):
 
 @pytest.mark.parametrize("family, dtype, ratio", [
     ("llama", torch.float16, 2.0), ("gpt2", torch.float16, 2.0), ("gpt_neox", torch.float16, 2.0),
+    ("qwen3", torch.float16, 2.0), ("olmo2", torch.float16, 2.0), ("phi3", torch.float16, 2.0),
+    ("gemma3_text", torch.float16, 2.0),
 ])
 def test_half_precision_cpu(family, dtype, ratio):
     ref_update, update, ref_loss, loss = error_sums(family, dtype, "cpu", "reference")
@@ -41,7 +43,7 @@ def test_half_precision_cpu(family, dtype, ratio):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "qwen3", "olmo2", "phi3", "gemma3_text"])
 @pytest.mark.parametrize("dtype, ratio", [(torch.bfloat16, 2.0), (torch.float16, 2.0)])
 @pytest.mark.parametrize("use_graphs", [True, False])
 def test_half_precision_gpu(family, dtype, ratio, use_graphs):

@@ -219,3 +219,28 @@ def test_first_order_result_reaches_only_the_memory():
     (out * weights).sum().backward()
     assert torch.allclose(start.grad, weights.sum(0, keepdim=True), rtol=0, atol=1e-6)
     assert model.get_input_embeddings().weight.grad is None
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "phi3", "gemma3_text"])
+def test_uncovered_families_fall_back_for_second_order(family):
+    """The recomputed step reproduces pre-norm and parallel blocks only: other adapters say so, and auto
+    takes the reference for second order while first order stays on the engine."""
+    import warnings
+
+    from gradmem_fast import backends
+    from gradmem_fast.engine import fast_reason
+
+    model = tiny_model(family, dtype=torch.float32, seed=2)
+    ids, mask, memory = random_batch(model, 1, 5, m=2, seed=3)
+    kw = dict(write_head=None, memory_proj=None, seq_len=7)
+    assert fast_reason(model, memory, grad_mode="first", **kw) is None
+    reason = fast_reason(model, memory, grad_mode="second", **kw)
+    assert reason is not None and "second-order" in reason
+    with pytest.raises(gradmem_fast.BackendUnavailable, match="second-order"):
+        gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="fast")
+    backends._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="auto")
+    assert out.shape == (1, 2, model.config.hidden_size)
+    assert any("falls back" in str(w.message) and "second-order" in str(w.message) for w in caught)

@@ -132,9 +132,12 @@ def test_unsupported_model_reason():
     assert fast_reason(model, torch.zeros(2, 4), write_head=None, memory_proj=None, grad_mode="none")
 
 
-def test_sliding_window_limit_is_refused():
-    model32, _ = model_pair("mistral", sliding_window=8)
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_sliding_window_limit_is_refused(family):
+    model32, _ = model_pair(family, sliding_window=8)
     ids, mask, memory = random_batch(model32, 1, 6, m=3)
+    reason = fast_reason(model32, memory, write_head=None, memory_proj=None, grad_mode="none", seq_len=9)
+    assert reason is not None and "sliding window" in reason
     with pytest.raises(ValueError, match="sliding window"):
         fast_write(model32, memory[None], ids, mask, steps=1, lr=0.1, grad_mode="none", return_losses=False,
                    op_backend="reference", **fast_kwargs({}))

@@ -11,7 +11,8 @@ import types
 import torch
 
 ATTENTION_MODULE = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "gpt2": "attn",
-                    "gpt_neox": "attention"}
+                    "gpt_neox": "attention", "qwen3": "self_attn", "olmo2": "self_attn", "phi3": "self_attn",
+                    "gemma3_text": "self_attn"}
 
 
 def _rms_forward(self, x):
@@ -19,10 +20,17 @@ def _rms_forward(self, x):
     return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
 
 
-def _rotary_forward(self, x, position_ids):
-    freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(device=x.device, dtype=torch.float64)
+def _gemma_rms_forward(self, x):  # Gemma scales by (1 + w)
+    var = x.pow(2).mean(-1, keepdim=True)
+    return (1.0 + self.weight) * (x * torch.rsqrt(var + self.eps))
+
+
+def _rotary_forward(self, x, position_ids, layer_type=None):
+    prefix = "" if layer_type is None else f"{layer_type}_"  # Gemma 3: one inv_freq per layer type
+    inv_freq, scaling = getattr(self, prefix + "inv_freq"), getattr(self, prefix + "attention_scaling")
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(device=x.device, dtype=torch.float64)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+    return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
 def _decoder_layers(model):
@@ -43,7 +51,8 @@ def hf_float64(model, record=None):
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm"):
-            module.forward = types.MethodType(_rms_forward, module)
+            forward = _gemma_rms_forward if name.startswith("Gemma") else _rms_forward
+            module.forward = types.MethodType(forward, module)
             patched.append(module)
         elif name.endswith("RotaryEmbedding"):
             module.forward = types.MethodType(_rotary_forward, module)

@@ -16,8 +16,10 @@ def _spec_tensors(spec):
     yield "final_norm.bias", spec.final_norm.bias
     yield "lm_head", spec.lm_head.weight
     for i, layer in enumerate(spec.layers):
-        for name in ("attn_norm", "mlp_norm"):
+        for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"):
             n = getattr(layer, name)
+            if n is None:
+                continue
             yield f"{i}.{name}.weight", n.weight
             yield f"{i}.{name}.bias", n.bias
         for name in ("q", "k", "v", "qkv", "o", "gate", "up", "down"):
@@ -50,6 +52,10 @@ def test_spec_tensors_are_views_of_parameters(family):
     ("qwen2", "separate", 4, 2, "rms", "swiglu", 8, None),
     ("gpt2", "concat", 4, 4, "layer", "gelu_tanh", None, 128),
     ("gpt_neox", "per_head", 4, 4, "layer", "gelu", 4, None),
+    ("qwen3", "separate", 4, 2, "rms", "swiglu", 8, None),
+    ("olmo2", "separate", 4, 2, "rms", "swiglu", 8, None),
+    ("phi3", "concat", 4, 2, "rms", "swiglu", 8, None),
+    ("gemma3_text", "separate", 4, 2, "rms", "geglu_tanh", 8, 128),
 ])
 def test_spec_fields(family, layout, heads, kv_heads, norm, act, rotary_dim, positions):
     model = tiny_model(family)
@@ -58,8 +64,10 @@ def test_spec_fields(family, layout, heads, kv_heads, norm, act, rotary_dim, pos
     assert (spec.norm_kind, spec.activation, spec.max_positions) == (norm, act, positions)
     assert (spec.rotary.rotary_dim if spec.rotary else None) == rotary_dim
     assert (spec.hidden_size, spec.vocab_size, spec.num_layers, len(spec.layers)) == (32, 61, 2, 2)
-    assert spec.attn_scale == pytest.approx(8 ** -0.5, rel=1e-15)
+    assert spec.attn_scale == pytest.approx((12 if family == "gemma3_text" else 8) ** -0.5, rel=1e-15)
     assert spec.parallel_residual == (family == "gpt_neox")
+    assert spec.block == {"gpt_neox": "parallel", "olmo2": "post", "gemma3_text": "sandwich"}.get(family, "pre")
+    assert spec.qk_norm == {"qwen3": "head", "olmo2": "full", "gemma3_text": "head"}.get(family)
     assert spec.lm_head.bias is None
     assert model_reason(model) is None
 
@@ -131,6 +139,34 @@ def test_refused_with_reason(name, make, match):
     with pytest.raises(UnsupportedModel, match=match):
         describe(model)
     assert issubclass(UnsupportedModel, ValueError)
+
+
+def test_phi3_fused_projections_are_views():
+    model = tiny_model("phi3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})
+    spec = describe(model)
+    mlp = model.model.layers[0].mlp.gate_up_proj.weight
+    assert torch.equal(spec.layers[0].gate.weight, mlp[:48]) and torch.equal(spec.layers[0].up.weight, mlp[48:])
+    assert spec.layers[0].qkv.weight is model.model.layers[0].self_attn.qkv_proj.weight
+    assert spec.rotary.rotary_dim == 4
+
+
+def test_qk_norm_shapes():
+    qwen3, olmo2 = describe(tiny_model("qwen3")), describe(tiny_model("olmo2"))
+    assert qwen3.layers[0].q_norm.weight.shape == qwen3.layers[0].k_norm.weight.shape == (8,)
+    assert (olmo2.layers[0].q_norm.weight.shape, olmo2.layers[0].k_norm.weight.shape) == ((32,), (16,))
+    assert olmo2.layers[0].attn_norm is None and olmo2.layers[0].post_mlp_norm is not None
+
+
+def test_gemma3_local_layers_have_their_own_rotary_and_norms_scale_by_one_plus_w():
+    model = tiny_model("gemma3_text")
+    spec = describe(model)
+    local, global_ = spec.layers
+    assert local.rotary is not None and global_.rotary is None
+    assert local.rotary.inv_freq is model.model.rotary_emb.sliding_attention_inv_freq
+    assert spec.rotary.inv_freq is model.model.rotary_emb.full_attention_inv_freq
+    assert all(n.offset == 1.0 for n in (local.attn_norm, local.post_mlp_norm, local.q_norm, spec.final_norm))
+    assert spec.embedding_scale == pytest.approx(32 ** 0.5, rel=1e-7)
 
 
 def test_gpt2_single_layer_inverse_layer_idx_is_expressible():

@@ -11,6 +11,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
 
+PARTIAL = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+
 CASES = [
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True}),
@@ -29,6 +31,14 @@ CASES = [
     ("gpt_neox", {"use_parallel_residual": False}),
     ("gpt_neox", {"rotary_pct": 1.0, "tie_word_embeddings": True}),
     ("gpt_neox", {"attention_bias": False, "hidden_act": "gelu_new"}),
+    ("qwen3", {}),
+    ("qwen3", {"attention_bias": True, "num_key_value_heads": 1, "tie_word_embeddings": True}),
+    ("olmo2", {}),
+    ("olmo2", {"num_key_value_heads": 4, "attention_bias": True}),
+    ("phi3", {}),
+    ("phi3", {"rope_parameters": PARTIAL, "num_key_value_heads": 4}),
+    ("gemma3_text", {}),
+    ("gemma3_text", {"num_hidden_layers": 3, "tie_word_embeddings": True, "num_key_value_heads": 1}),
 ]
 
 

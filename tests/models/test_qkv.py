@@ -16,6 +16,7 @@ CASES = [
     ("gpt2", {}),
     ("gpt_neox", {}),
     ("gpt_neox", {"rotary_pct": 1.0}),
+    ("phi3", {}),
 ]
 IDS = [f + "".join(f"-{k}" for k in o) for f, o in CASES]
 

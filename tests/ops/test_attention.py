@@ -9,6 +9,8 @@ from helpers import poison_, rel_err
 from gradmem_fast.engine.launches import LaunchCounter
 from gradmem_fast.ops import attention as A
 
+pytestmark = pytest.mark.needs_triton  # every kernel test here launches Triton (interpreter or GPU)
+
 
 def err(x, ref):
     """rel_err, or the largest absolute value where the exact result is identically zero (dq when

@@ -11,6 +11,8 @@ from test_attention import (
     SCALE, _gpu_plain, _gpu_truth, err, float64_truth, make_qkv, naive_attention, plain_torch_errors,
 )
 
+pytestmark = pytest.mark.needs_triton  # every kernel test here launches Triton (interpreter or GPU)
+
 
 def split(q, k, v, m):
     return q[:, :m], k[:, :m], v[:, :m], q[:, m:], k[:, m:], v[:, m:]

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from gradmem_fast.ops.head_loss import fused_head_loss, fused_head_loss_reference
 from helpers import poison_, rel_err
 
+pytestmark = pytest.mark.needs_triton  # every kernel test here launches Triton (interpreter or GPU)
+
 IMPLS = ("chunked", "fused", "public", "twin")
 SHAPES = [(37, 97, 48), (20, 1000, 80), (1, 97, 48)]  # (N, V, d)
 
@@ -380,11 +382,12 @@ def test_gpu_extra_memory_is_bounded(method):
 @pytest.mark.gpu
 def test_cuda_fallback_to_twin_warns():
     import gradmem_fast.ops.head_loss as op
+    from gradmem_fast import backends
 
     h = torch.randn(5, 16, dtype=torch.float64, device="cuda")
     w = torch.randn(11, 16, dtype=torch.float64, device="cuda")
     t = torch.randint(0, 11, (5,), device="cuda")
     rw = torch.full((5,), 0.2, device="cuda")
-    op._warned.clear()
+    backends._warned.clear()
     with pytest.warns(UserWarning, match="using the PyTorch twin"):
         op.fused_head_loss(h, w, t, rw)

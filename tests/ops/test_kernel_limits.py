@@ -12,6 +12,8 @@ import torch
 
 from helpers import rel_err
 
+pytestmark = pytest.mark.needs_triton  # every kernel test here launches Triton (interpreter or GPU)
+
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 META = "meta"

@@ -117,11 +117,11 @@ def test_kernel_graph_replay_reads_lr_on_device():
 
 @pytest.mark.gpu
 def test_cuda_fallback_to_twin_warns():
-    from gradmem_fast import _ext
+    from gradmem_fast import backends
     from gradmem_fast.ops.memory_update import memory_update_
 
     memory = torch.randn(2, 3, 8, dtype=torch.float64, device="cuda")
     grad = torch.randn_like(memory)
-    _ext._warned.clear()
+    backends._warned.clear()
     with pytest.warns(UserWarning, match="using the PyTorch twin"):
         memory_update_(memory, grad, torch.tensor(0.1, device="cuda"))
