@@ -46,7 +46,7 @@ def add_arguments(parser):
     add("--checkpoint-every", type=int, default=200)
     add("--log-every", type=int, default=10)
     add("--backend", choices=("auto", "fast", "reference"), default="auto",
-        help="write backend (evaluation writes without the second-order graph, which the fast engine can take)")
+        help="write backend, as in gradmem_fast.write (auto: the fast engine wherever it can run)")
     add("--device", choices=("cpu", "cuda"), default="cpu")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add("--seed", type=int, default=0)
