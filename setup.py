@@ -17,6 +17,7 @@ PACKAGES = [
     "gradmem_fast.reference",
     "gradmem_fast.engine",
     "gradmem_fast.benchmark",
+    "gradmem_fast.tasks",
     "gradmem_fast.kernels",
 ]
 PACKAGE_DIR = {"gradmem_fast.kernels": "kernels"}

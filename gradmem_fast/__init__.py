@@ -11,7 +11,8 @@ correctness). Importing never touches a GPU and never compiles anything.
 from . import reference
 from .api import explain, generate, memory_cache, read, write
 from .dispatch import BackendChoice, BackendUnavailable
+from .lm import GradMemLM
 
 __version__ = "0.1.0"
 __all__ = ["write", "read", "generate", "memory_cache", "explain", "reference", "BackendChoice", "BackendUnavailable",
-           "__version__"]
+           "GradMemLM", "__version__"]

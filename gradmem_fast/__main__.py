@@ -1,4 +1,4 @@
-"""Command line: `python -m gradmem_fast {demo,bench} [options]`.
+"""Command line: `python -m gradmem_fast {demo,bench,train-kv} [options]`.
 
 Each subcommand is one function taking its own argument list and returning an exit code, listed in
 COMMANDS with its one-line help; its module is imported only when it runs.
@@ -19,9 +19,16 @@ def bench(argv):
     return main(argv)
 
 
+def train_kv(argv):
+    from .train_kv import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "demo": (demo, "write a context on a small seeded model and print the per-step loss"),
     "bench": (bench, "write latency on the standard cases against the plain loop and the FLOP floor"),
+    "train-kv": (train_kv, "meta-train a writer on key-value retrieval and plot exact match against write steps"),
 }
 
 

@@ -31,7 +31,7 @@ def _top_level_tests():
 # wave -> pytest targets; together they cover every test file under tests/ once
 WAVES = {
     "kernels": ["tests/ops", "tests/models"] + [f"--ignore={path}" for path in CSRC],
-    "engine": CSRC + ["tests/engine", "tests/benchmark", "tests/csrc_emulation", "tests/scripts", "tests/reference"] + _top_level_tests(),
+    "engine": CSRC + ["tests/engine", "tests/benchmark", "tests/csrc_emulation", "tests/scripts", "tests/reference", "tests/tasks"] + _top_level_tests(),
 }
 GRACE_S = 15
 POLL_S = 0.5
