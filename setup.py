@@ -66,7 +66,8 @@ setup(
     package_dir=PACKAGE_DIR,
     python_requires=">=3.10",
     install_requires=["torch>=2.11,<2.15", "transformers>=5.17,<5.25"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "accelerate", "matplotlib"], "bench": ["matplotlib"],
+                    "train": ["accelerate", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -6,13 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(torch transformers numpy pytest pytest-benchmark ninja setuptools)
+PACKAGES=(torch transformers numpy pytest pytest-benchmark ninja setuptools accelerate matplotlib)
 if [ "${GRADMEM_FAST_UNPINNED:-0}" = "1" ]; then
     python -m pip install -q --upgrade "${PACKAGES[@]}"
 else
     python -m pip install -q -c constraints.txt "${PACKAGES[@]}"
 fi
-python -m pip freeze --all | grep -iE '^(torch|triton|transformers|numpy|pytest|pytest-benchmark|ninja|setuptools)==' \
+python -m pip freeze --all | grep -iE '^(torch|triton|transformers|numpy|pytest|pytest-benchmark|ninja|setuptools|accelerate|matplotlib)==' \
     | tr '\n' ' ' && echo
 # CUDA_HOME must be the toolkit root holding bin/nvcc and lib64/libcudart (torch's guess from the
 # nvcc on PATH can be wrong and then fails to link cudart).
