@@ -407,6 +407,9 @@ def main(argv=None):
     out, work = os.path.abspath(args.out), os.path.abspath(args.work)
     if not args.dry_run and os.environ.get("CUDA_HOME") is None and find_cuda_home():
         os.environ["CUDA_HOME"] = find_cuda_home()
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # started as a background job: the steps would inherit an ignored SIGINT and outlive their caps
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     shutil.rmtree(work, ignore_errors=True)
     steps = plan(work, os.path.abspath(args.cache), out)
     if args.dry_run:

@@ -92,8 +92,6 @@ def run(out, seconds, shards, wait_file=None, wait_limit=None, pytest_args=(), l
     start = time.monotonic()
     deadline = start + seconds
     waves = {wave: [Shard(wave, i, shards, out, pytest_args) for i in range(shards)] for wave in WAVES}
-    for shard in waves["kernels"]:
-        shard.start(env)
     engine_started = False
     interrupted = killed = False
     stop = []  # SIGINT or SIGTERM to this process: stop the shards as at the deadline
@@ -101,7 +99,11 @@ def run(out, seconds, shards, wait_file=None, wait_limit=None, pytest_args=(), l
     def on_signal(signum, frame):
         stop.append(signum)
 
+    # installed before any shard starts: a handled signal is reset to its default in the child, whereas an
+    # ignored one (a background job's SIGINT) would stay ignored and the deadline's SIGINT would be lost
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for shard in waves["kernels"]:
+        shard.start(env)
     while True:
         now = time.monotonic()
         if stop and not interrupted:
