@@ -17,7 +17,7 @@ from .. import validation
 from ..kernels.device import on_device
 from .plan import build_plan
 from .recompute import StepConstants, memory_update, step_constants, step_loss_and_gradient
-from .specs import spec_of
+from .specs import check_length, spec_of
 from .step import write_step
 
 # the adapters whose layers recompute_layers.py reproduces (llama covers Llama, Mistral and Qwen2)
@@ -152,9 +152,7 @@ def meta_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     spec, _ = spec_of(model)
-    if spec.max_positions is not None and m + T > spec.max_positions:
-        raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
-                         "(position table or sliding window), which the fast engine does not cover")
+    check_length(spec, m, T)
     if grad_mode == "second":
         first_order_steps = 0 if second_order_steps is None else steps - second_order_steps
     else:

@@ -26,3 +26,10 @@ def spec_of(model):
     spec = describe(model)
     _SPECS[model] = (signature, spec)
     return spec, signature
+
+
+def check_length(spec, m, T):
+    """ValueError when m memory rows + T tokens pass the model's position table or sliding window."""
+    if spec.max_positions is not None and m + T > spec.max_positions:
+        raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
+                         "(position table or sliding window), which the fast engine does not cover")

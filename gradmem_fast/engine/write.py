@@ -8,7 +8,7 @@ from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
 from .second_order import meta_write, needs_meta_write, recompute_reason
-from .specs import spec_of
+from .specs import check_length, spec_of
 from .step import write_step
 
 ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
@@ -81,9 +81,7 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         spec, signature = spec_of(model)
-        if spec.max_positions is not None and m + T > spec.max_positions:
-            raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
-                             "(position table or sliding window), which the fast engine does not cover")
+        check_length(spec, m, T)
         with torch.no_grad():
             if _use_graphs(input_ids.device, use_graphs):
                 from .graphs import graph_write  # makes the tensors' device current itself

@@ -5,12 +5,11 @@ inputs is saved. Derivation: geglu.md.
 """
 import torch
 
-from .._triton import interpreter_on, triton_reason
-from ..backends import on_host, use_kernel
+from .._triton import elementwise_reason
+from ..backends import use_kernel
 from .activation import _check_out, _check_same, gelu_backward_reference, gelu_forward_reference
 from .dtypes import acc_dtype
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- pure-PyTorch twins
@@ -34,16 +33,7 @@ def geglu_backward_reference(dy, gate, up):
 # ---------------------------------------------------------------- dispatch
 
 
-def kernel_reason(*tensors):
-    why = triton_reason(*tensors)
-    if why is not None:
-        return on_host(why)
-    x = tensors[0]
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreter_on():
-        return on_host("bfloat16 under the Triton interpreter (its bfloat16 arithmetic is wrong)")
-    return None
+kernel_reason = elementwise_reason
 
 
 def _empty(ref):

@@ -9,11 +9,10 @@ Derivation: qk_norm.md.
 """
 import torch
 
-from .._triton import interpreter_on, triton_reason
-from ..backends import on_host, use_kernel
+from .._triton import elementwise_reason
+from ..backends import use_kernel
 from .dtypes import acc_dtype
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- pure-PyTorch twins
@@ -51,15 +50,10 @@ def _rows3(t, G, D):
 
 def kernel_reason(*tensors):
     """None when the Triton kernels can take these (..., G, D) tensors, else the backends.Reason."""
-    why = triton_reason(*tensors)
+    why = elementwise_reason(*tensors)
     if why is not None:
-        return on_host(why)
-    x = tensors[0]
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreter_on():
-        return on_host("bfloat16 under the Triton interpreter (its bfloat16 arithmetic is wrong)")
-    G, D = x.shape[-2:]
+        return why
+    G, D = tensors[0].shape[-2:]
     for t in tensors:
         if _rows3(t, G, D) is None:
             return f"a tensor of shape {tuple(t.shape)}, strides {t.stride()} has no (N, G, D) view"
