@@ -28,8 +28,17 @@ def spec_of(model):
     return spec, signature
 
 
+def length_reason(spec, seq_len):
+    """Why seq_len = m memory rows + T tokens is past what the fast engine covers (the model's position table or
+    sliding window), else None: the one statement of that limit, a fallback reason for dispatch."""
+    if spec.max_positions is not None and seq_len > spec.max_positions:
+        return (f"memory rows + tokens = {seq_len} exceeds the model's limit {spec.max_positions} "
+                "(position table or sliding window), which the fast engine does not cover")
+    return None
+
+
 def check_length(spec, m, T):
-    """ValueError when m memory rows + T tokens pass the model's position table or sliding window."""
-    if spec.max_positions is not None and m + T > spec.max_positions:
-        raise ValueError(f"memory rows + tokens = {m} + {T} exceeds the model's limit {spec.max_positions} "
-                         "(position table or sliding window), which the fast engine does not cover")
+    """ValueError (length_reason) when the fast engine is called past that limit directly."""
+    reason = length_reason(spec, m + T)
+    if reason is not None:
+        raise ValueError(reason)

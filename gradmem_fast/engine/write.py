@@ -8,7 +8,7 @@ from ..kernels.device import on_device
 from .ops import ops_for
 from .plan import build_plan
 from .second_order import meta_write, needs_meta_write, recompute_reason
-from .specs import check_length, spec_of
+from .specs import check_length, length_reason, spec_of
 from .step import write_step
 
 ENV_GRAPHS = "GRADMEM_FAST_CUDA_GRAPHS"
@@ -29,9 +29,9 @@ def fast_reason(model, memory, *, write_head, memory_proj, grad_mode, seq_len=No
         return f"model dtype {spec.embedding.dtype} is not one of float32, float16, bfloat16"
     if isinstance(memory, torch.Tensor) and memory.dtype not in MODEL_DTYPES + (torch.float64,):
         return f"memory dtype {memory.dtype} is not supported"
-    if seq_len is not None and spec.max_positions is not None and seq_len > spec.max_positions:
-        return (f"memory rows + tokens = {seq_len} exceeds the model's limit {spec.max_positions} (position "
-                "table or sliding window), which the fast engine does not cover")
+    too_long = None if seq_len is None else length_reason(spec, seq_len)
+    if too_long is not None:
+        return too_long
     if isinstance(memory, torch.Tensor) and needs_meta_write(model, memory, grad_mode, return_losses, write_head,
                                                              memory_proj):
         return recompute_reason(spec)
