@@ -1,5 +1,6 @@
 """Shared setup for the engine tests: a write run by the fast engine and by the float64 reference."""
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -122,3 +123,26 @@ def refuse_twins(monkeypatch, ops_table):
     for module, names in ops_table.items():
         for name in names:
             monkeypatch.setattr(module, name + "_reference", refuse(name))
+
+
+def batch_with_memories(model, B, T, lengths, m, seed):
+    """(ids, mask, memory (B, m, d)): a random batch with a distinct memory per sample."""
+    ids, mask, memory = random_batch(model, B, T, lengths=lengths, seed=seed, m=m)
+    g = torch.Generator().manual_seed(seed + 1)
+    memory = (memory[None] + 0.1 * torch.randn(B, *memory.shape, generator=g).to(memory.dtype)).contiguous()
+    return ids, mask, memory
+
+
+def fake_cuda(value, mode, memo):
+    """value (a tensor, or a spec dataclass / tuple holding tensors) with fake CUDA tensors in place of its
+    tensors; a tensor met twice (a tied head) maps to one fake tensor. Call inside `mode`."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = mode.from_tensor(value).to("cuda")
+        return memo[id(value)]
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: fake_cuda(getattr(value, f.name), mode, memo)
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, tuple):
+        return tuple(fake_cuda(v, mode, memo) for v in value)
+    return value

@@ -8,10 +8,9 @@ triton package are checked and traced, as the interpreter's host-side work stand
 and fake CUDA tensors (FakeTensorMode, no GPU needed), where device moves and host tensors mixed into
 device ops become visible. Two inputs with equal shapes and other values (ids, lengths, memory) must
 give identical op traces: every shape is a function of B, T, m, d, R. A step must not replace any
-tensor the plan holds (it would live in the step graph's pool). Last, the graph cache's key and the
-ordering of graph writes across streams and devices.
+tensor the plan holds (it would live in the step graph's pool). The graph cache's key and the ordering
+of graph writes across streams are in test_engine_graph_streams.py.
 """
-import contextlib
 import dataclasses
 import os
 import sys
@@ -26,14 +25,12 @@ import gradmem_fast.ops.attention as attention
 import gradmem_fast.ops.geglu as geglu
 import gradmem_fast.ops.head_loss as head_loss
 import gradmem_fast.ops.qk_norm as qk_norm
-from engine_cases import WIDE, cast, make_options, model_on, model_pair
-from gradmem_fast.engine import graphs
+from engine_cases import WIDE, batch_with_memories, cast, fake_cuda, make_options, model_pair
 from gradmem_fast.engine.ops import ops_for
 from gradmem_fast.engine.plan import build_plan
-from gradmem_fast.engine.specs import spec_of
 from gradmem_fast.engine.step import write_step
 from gradmem_fast.models import describe
-from helpers import FAMILIES, random_batch, rel_err
+from helpers import FAMILIES
 
 aten = torch.ops.aten
 OPTIONS = ("write_head", "memory_proj", "clip_value", "clip_norm")
@@ -244,13 +241,6 @@ def test_checker_passes_capturable_code(fake_cuda):
 # ---------------------------------------------------------------- the engine
 
 
-def _inputs(model, B, T, lengths, m, seed):
-    ids, mask, memory = random_batch(model, B, T, lengths=lengths, seed=seed, m=m)
-    g = torch.Generator().manual_seed(seed + 1)
-    memory = (memory[None] + 0.1 * torch.randn(B, *memory.shape, generator=g).to(memory.dtype)).contiguous()
-    return ids, mask, memory
-
-
 def _plan_tensors(value, path="plan"):
     """(path, tensor) for every tensor the plan holds, the model spec and the ops left out."""
     if isinstance(value, torch.Tensor):
@@ -315,14 +305,14 @@ def test_reference_engine_is_capturable(family, B, T, lengths, m, option_names):
     model = model_pair(family)[0]
     spec = describe(model)
     options = _options(family, option_names)
-    ids, mask, memory = _inputs(model, B, T, lengths, m, seed=2)
+    ids, mask, memory = batch_with_memories(model, B, T, lengths, m, seed=2)
     start = memory.clone()
     plan_check, step_checks, memory = run_checked(spec, "reference", ids, mask, memory, options, steps=2)
     assert_capturable(plan_check, step_checks)
     assert not torch.equal(memory, start)
     # other values, same shapes (other lengths too): the same ops on the same shapes
     other_lengths = None if lengths is None else [1, T, 3]
-    ids2, mask2, memory2 = _inputs(model, B, T, other_lengths, m, seed=7)
+    ids2, mask2, memory2 = batch_with_memories(model, B, T, other_lengths, m, seed=7)
     plan_check2, step_checks2, _ = run_checked(spec, "reference", ids2, mask2, memory2, options, steps=1)
     assert plan_check2.trace == plan_check.trace
     assert step_checks2[0].trace == step_checks[0].trace
@@ -352,27 +342,12 @@ def test_kernel_engine_is_capturable(family, B, T, lengths, m, monkeypatch):
     model = model_pair(family, **WIDE[family])[0]
     spec = describe(model)
     options = _options(family, OPTIONS, **WIDE[family])
-    ids, mask, memory = _inputs(model, B, T, lengths, m, seed=3)
+    ids, mask, memory = batch_with_memories(model, B, T, lengths, m, seed=3)
     plan_check, step_checks, _ = run_checked(spec, "auto", ids, mask, memory, options, steps=2)
     assert_capturable(plan_check, step_checks)
-    ids2, mask2, memory2 = _inputs(model, B, T, None if lengths is None else [2, 6], m, seed=8)
+    ids2, mask2, memory2 = batch_with_memories(model, B, T, None if lengths is None else [2, 6], m, seed=8)
     _, step_checks2, _ = run_checked(spec, "auto", ids2, mask2, memory2, options, steps=1)
     assert step_checks2[0].trace == step_checks[0].trace
-
-
-def _fake_cuda(value, mode, memo):
-    """value (a tensor, or a spec dataclass / tuple holding tensors) with fake CUDA tensors in place of its
-    tensors; a tensor met twice (a tied head) maps to one fake tensor. Call inside `mode`."""
-    if isinstance(value, torch.Tensor):
-        if id(value) not in memo:
-            memo[id(value)] = mode.from_tensor(value).to("cuda")
-        return memo[id(value)]
-    if dataclasses.is_dataclass(value):
-        return dataclasses.replace(value, **{f.name: _fake_cuda(getattr(value, f.name), mode, memo)
-                                             for f in dataclasses.fields(value)})
-    if isinstance(value, tuple):
-        return tuple(_fake_cuda(v, mode, memo) for v in value)
-    return value
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -383,187 +358,17 @@ def test_engine_on_fake_cuda_is_capturable(family, B, T, lengths, m):
     model = model_pair(family)[0]
     spec = describe(model)
     options = _options(family, OPTIONS)
-    ids, mask, memory = _inputs(model, B, T, lengths, m, seed=4)
+    ids, mask, memory = batch_with_memories(model, B, T, lengths, m, seed=4)
     mode, memo = FakeTensorMode(), {}
     with mode:
-        spec = _fake_cuda(spec, mode, memo)
+        spec = fake_cuda(spec, mode, memo)
         proj = options["memory_proj"]
-        options["memory_proj"] = SimpleNamespace(weight=_fake_cuda(proj.weight, mode, memo),
-                                                 bias=_fake_cuda(proj.bias, mode, memo))
-        options["write_head"] = _fake_cuda(options["write_head"], mode, memo)
-        ids, mask, memory = (_fake_cuda(t, mode, memo) for t in (ids, mask, memory))
+        options["memory_proj"] = SimpleNamespace(weight=fake_cuda(proj.weight, mode, memo),
+                                                 bias=fake_cuda(proj.bias, mode, memo))
+        options["write_head"] = fake_cuda(options["write_head"], mode, memo)
+        ids, mask, memory = (fake_cuda(t, mode, memo) for t in (ids, mask, memory))
         assert spec.embedding.device.type == "cuda" and spec.layers[-1].down.weight.device.type == "cuda"
         plan_check, step_checks, _ = run_checked(spec, "reference", ids, mask, memory, options, steps=2,
                                                  device="cuda")
     assert_capturable(plan_check, step_checks)
     assert len(step_checks[0].trace) > 50
-
-
-# ---------------------------------------------------------------- the graph cache
-
-
-@pytest.mark.parametrize("setting, value", [("fp32_precision", "tf32"),
-                                            ("allow_fp16_reduced_precision_reduction", None),
-                                            ("allow_bf16_reduced_precision_reduction", None)])
-def test_graph_key_follows_matmul_settings(setting, value):
-    """A capture bakes in cuBLAS's math mode and the Triton kernels' fp32 dot precision: a cached graph
-    must not be replayed after they change."""
-    model = model_pair("llama")[0]
-    spec, signature = spec_of(model)
-
-    def key():
-        return graphs.graph_key(model, spec, signature, ops_for("auto"), 2, 16, 32, 3, torch.float32, None, None,
-                                None, None)
-
-    matmul = torch.backends.cuda.matmul
-    previous = getattr(matmul, setting)
-    before = key()
-    try:
-        setattr(matmul, setting, (not previous) if value is None else value)
-        assert key() != before
-    finally:
-        setattr(matmul, setting, previous)
-    assert key() == before
-
-
-class _Recorder:
-    """Stand-ins for CUDA streams, events and graphs that log what each call enqueues, on which stream."""
-
-    def __init__(self):
-        self.log = []
-        self.stream = "s1"
-        self.events = 0
-        self.device = None
-        self.replay_devices = []
-
-    @contextlib.contextmanager
-    def device_context(self, device):
-        previous, self.device = self.device, device
-        try:
-            yield
-        finally:
-            self.device = previous
-
-    def current_stream(self, device=None):
-        recorder = self
-
-        class Stream:
-            name = recorder.stream
-
-            def wait_event(self, event):
-                recorder.log.append((self.name, "wait", event.number))
-        return Stream()
-
-    def Event(self):
-        recorder = self
-        recorder.events += 1
-
-        class Event:
-            number = recorder.events
-
-            def record(self, stream):
-                recorder.log.append((stream.name, "record", self.number))
-        return Event()
-
-    def graph(self, name):
-        recorder = self
-
-        class Graph:
-            def replay(self):
-                recorder.log.append((recorder.stream, name))
-                recorder.replay_devices.append(recorder.device)
-        return Graph()
-
-
-def test_graph_write_orders_calls_across_streams_on_the_tensors_device(monkeypatch):
-    """A call on a second stream must not refill the static buffers (nor reuse the shared step pool) before
-    the first call's replays are done: it waits on an event recorded after them."""
-    recorder = _Recorder()
-    monkeypatch.setattr(torch.cuda, "current_stream", recorder.current_stream)
-    monkeypatch.setattr(torch.cuda, "Event", recorder.Event)
-    monkeypatch.setattr(torch.cuda, "device", recorder.device_context)
-    monkeypatch.setattr(graphs, "_LAST_WRITE", {})
-    model = model_pair("llama")[0]
-    spec, signature = spec_of(model)
-    ids, mask, memory = _inputs(model, 2, 5, [5, 2], 3, seed=1)
-    Tb = graphs.bucket_length(5, 3)
-    entry = graphs.GraphEntry(model_ref=lambda: model, ids=torch.empty(2, Tb, dtype=torch.int64),
-                              mask=torch.empty(2, Tb, dtype=torch.int64), memory=torch.empty_like(memory),
-                              lr=torch.empty(()), step_loss=torch.zeros(2), prologue=recorder.graph("prologue"),
-                              step=recorder.graph("step"), plan=None)
-    monkeypatch.setattr(graphs, "CACHE", SimpleNamespace(get=lambda key, model, build: entry))
-
-    def call():
-        return graphs.graph_write(model, spec, signature, ops_for("reference"), memory, ids, mask, steps=2, lr=0.5,
-                                  write_head=None, memory_proj=None, clip_value=None, clip_norm=None,
-                                  losses=torch.empty(2, 2), real_rows=7)
-
-    out = call()
-    assert torch.equal(out, memory) and torch.equal(entry.mask[:, :5], mask) and not entry.mask[:, 5:].any()
-    assert recorder.log == [("s1", "prologue"), ("s1", "step"), ("s1", "step"), ("s1", "record", 1)]
-    recorder.log.clear()
-    recorder.stream = "s2"
-    call()
-    assert recorder.log == [("s2", "wait", 1), ("s2", "prologue"), ("s2", "step"), ("s2", "step"),
-                            ("s2", "record", 2)]
-    # capture and replay run with the tensors' device current (its streams, not another device's)
-    assert recorder.replay_devices == [memory.device] * 6
-
-
-@pytest.mark.gpu
-def test_graph_writes_on_two_streams_match_eager():
-    """Two calls of one cached graph entry issued back to back on two streams: the second call's refill of
-    the static buffers must wait for the first call's replays."""
-    from gradmem_fast.engine import fast_write
-
-    model = model_on("llama", "cuda", **WIDE["llama"])
-    batches = [tuple(t.cuda() for t in _inputs(model, 4, 200, [200, 150, 90, 7], 8, seed=s)) for s in (1, 2)]
-
-    def write(batch, use_graphs):
-        ids, mask, memory = batch
-        return fast_write(model, memory, ids, mask, steps=8, lr=0.3, grad_mode="none", return_losses=False,
-                          op_backend="auto", use_graphs=use_graphs, write_head=None, memory_proj=None,
-                          clip_value=None, clip_norm=None)
-
-    expected = [write(b, False) for b in batches]
-    write(batches[0], True)  # capture
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    for stream in streams:
-        stream.wait_stream(torch.cuda.current_stream())
-    outs = []
-    for batch, stream in zip(batches, streams):
-        with torch.cuda.stream(stream):
-            outs.append(write(batch, True))
-    torch.cuda.synchronize()
-    for out, ref in zip(outs, expected):
-        assert rel_err(out, ref) < 1e-4
-
-
-@pytest.mark.needs_cuda_build
-def test_fast_write_runs_with_the_tensors_device_current(monkeypatch):
-    """Triton launches on the current device: the eager loop (fake CUDA tensors here) runs each step with
-    the tensors' device made current."""
-    import gradmem_fast.engine.write as write_module
-
-    recorder = _Recorder()
-    monkeypatch.setattr(torch.cuda, "device", recorder.device_context)
-    step_devices = []
-
-    def recorded_step(*args, **kwargs):
-        step_devices.append(recorder.device)
-        return write_step(*args, **kwargs)
-    monkeypatch.setattr(write_module, "write_step", recorded_step)
-    model = model_pair("gpt2")[0]
-    ids, mask, memory = _inputs(model, 2, 5, [5, 2], 3, seed=1)
-    spec = describe(model)
-    mode, memo = FakeTensorMode(), {}
-    with mode:
-        spec = _fake_cuda(spec, mode, memo)
-        monkeypatch.setattr(write_module, "spec_of", lambda model: (spec, None))
-        ids, memory = (_fake_cuda(t, mode, memo) for t in (ids, memory))
-        # no mask: fast_write reads a mask's sum on the host (the head row count), which fake tensors lack
-        out, losses = write_module.fast_write(model, memory, ids, None, steps=2, lr=0.5, write_head=None,
-                                              memory_proj=None, clip_value=None, clip_norm=None, grad_mode="none",
-                                              return_losses=True, op_backend="reference", use_graphs=False)
-    assert out.device == memory.device and losses.shape == (2, 2)
-    assert step_devices == [memory.device] * 2
