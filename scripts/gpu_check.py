@@ -3,8 +3,9 @@
 Steps, most valuable first, each under a time cap and all under one budget (default 285 s): machine
 info; build (or reuse) the CUDA extension in the background; install the project without it; unpack
 a carried Triton cache; the GPU tests (every kernel, then the engine once the
-extension is there); the six bench cases with the plain loop; the compiled-loop baselines; the
-micro-benchmarks; export the Triton cache and the built extension for the next run. A step still
+extension is there); the six bench cases with the plain loop; the two meta-step cases; the compiled-loop
+baselines; with --micro the micro-benchmarks; export the Triton cache and the built extension for the
+next run. A step still
 running at its cap gets SIGINT (pytest then writes its summary and junit xml), then SIGKILL.
 
 Under OUT, at most 8 files, each rewritten as results come: check.log (this script's log),
@@ -39,6 +40,7 @@ MAX_OUT_BYTES = 16 * 2 ** 20
 MICRO = ["benchmarks/bench_attention.py", "benchmarks/bench_fused_ops.py", "benchmarks/bench_head_loss.py",
          "benchmarks/bench_qkv.py"]
 LATENCY_CASES = "gpt2-latency,llama1b-latency"
+META_CASES = "meta-kv,meta-gpt2"
 
 
 class Step:
@@ -51,12 +53,13 @@ class Step:
         self.deadline = None
 
 
-def plan(work, cache, out):
-    """The steps in order. work: scratch folder; cache: carried caches; out: $OUT."""
+def plan(work, cache, out, micro=False):
+    """The steps in order. work: scratch folder; cache: carried caches; out: $OUT; micro: also run the
+    micro-benchmarks (after the bench steps; they do not fit the default budget beside them)."""
     tests, csrc_tar, triton_tar = (os.path.join(work, "tests"), os.path.join(cache, "csrc-build.tar.gz"),
                                    os.path.join(cache, "triton-cache.tar.gz"))
     bench = [PY, "-m", "gradmem_fast", "bench", "--quick"]
-    return [
+    steps = [
         Step("info", 15, [PY, "scripts/gpu_check.py", "--info"], 4),
         Step("csrc", 150, [PY, "scripts/csrc_prebuilt.py", "install", "--prebuilt", csrc_tar,
                            "--done", os.path.join(work, "csrc.done")], 90, background=True,
@@ -68,12 +71,15 @@ def plan(work, cache, out):
                             "--wait-file", os.path.join(work, "csrc.done"), "--wait-limit", "75"], 127),
         Step("bench-plain", 75, bench + ["--no-compile", "--out-dir", os.path.join(work, "bench-plain"),
                                          "{gpu_tests}"], 60),
+        Step("bench-meta", 40, bench + ["--cases", META_CASES, "--out-dir", os.path.join(work, "bench-meta")], 18),
         Step("bench-compiled", 60, bench + ["--cases", LATENCY_CASES, "--compile", "--profile",
                                             "--out-dir", os.path.join(work, "bench-compiled")], 55),
-        Step("micro", 35, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-max-time=0.05",
-                           f"--benchmark-json={os.path.join(work, 'micro.json')}", *MICRO], 15),
-        Step("export", RESERVE_S, [PY, "scripts/gpu_check.py", "--export", work, out], 5),
     ]
+    if micro:
+        steps.append(Step("micro", 35, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                        "--benchmark-max-time=0.05",
+                                        f"--benchmark-json={os.path.join(work, 'micro.json')}", *MICRO], 15))
+    return steps + [Step("export", RESERVE_S, [PY, "scripts/gpu_check.py", "--export", work, out], 5)]
 
 
 def stubbed(steps, work, out, seconds):
@@ -220,7 +226,7 @@ class Check:
                              "expected_h200_s": s.expect_s} for s in self.steps],
                   "tests": junit_summary(os.path.join(self.work, "tests")),
                   "bench": {name: _read_json(os.path.join(self.work, name, "latest.json"))
-                            for name in ("bench-plain", "bench-compiled")},
+                            for name in ("bench-plain", "bench-compiled", "bench-meta")},
                   "micro": micro_summary(os.path.join(self.work, "micro.json"))}
         _write_atomic(os.path.join(self.out, "results.json"), json.dumps(result, indent=1) + "\n")
         _write_atomic(os.path.join(self.out, "summary.txt"), format_summary(result))
@@ -322,6 +328,13 @@ def format_summary(result):
                 "compiled_over_fast", "fast_peak_over_plain", "fast_rel_err")))
             if c.get("fast_reason"):
                 lines.append(f"    fast: {c['fast_reason'][:300]}")
+        for c in bench.get("meta_cases", []):
+            lines.append("  " + " ".join(f"{k}={_fmt(c.get(k))}" for k in (
+                "case", "reference_ms", "fast_ms", "reference_over_fast", "fast_peak_over_reference",
+                "fast_peak_k8_over_k", "m0_grad_rel_err")))
+            for writer in ("reference", "fast"):
+                if c.get(f"{writer}_reason"):
+                    lines.append(f"    {writer}: {c[f'{writer}_reason'][:300]}")
     for b in result["micro"] or []:
         lines.append(f"micro {b['name']}: {b['median_ms']:.3f} ms")
     return "\n".join(lines) + "\n"
@@ -394,6 +407,7 @@ def main(argv=None):
                    help="carried caches from an earlier run (triton-cache.tar.gz, csrc-build.tar.gz)")
     p.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", 285)))
     p.add_argument("--dry-run", action="store_true", help="stub every step (no GPU, nothing installed)")
+    p.add_argument("--micro", action="store_true", help="also run the micro-benchmarks before the export")
     p.add_argument("--stub", action="append", default=[], metavar="NAME=SECONDS", help="a stub's duration")
     p.add_argument("--info", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--export", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
@@ -411,7 +425,7 @@ def main(argv=None):
         # started as a background job: the steps would inherit an ignored SIGINT and outlive their caps
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     shutil.rmtree(work, ignore_errors=True)
-    steps = plan(work, os.path.abspath(args.cache), out)
+    steps = plan(work, os.path.abspath(args.cache), out, micro=args.micro)
     if args.dry_run:
         steps = stubbed(steps, work, out, parse_stubs(args.stub))
     return Check(out, work, args.budget, steps, args.dry_run).run()

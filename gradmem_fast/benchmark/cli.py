@@ -5,6 +5,7 @@ import os
 import sys
 
 from . import cases as cases_mod
+from . import meta_cases
 from . import report
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
@@ -12,7 +13,10 @@ DEFAULT_OUT = os.path.join("benchmarks", "results")
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m gradmem_fast bench", description=__doc__)
-    p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(cases_mod.CASE_NAMES)}")
+    p.add_argument("--cases", help=f"comma-separated subset of the write cases {', '.join(cases_mod.CASE_NAMES)} "
+                                   f"(default: all of them) and the meta-step cases "
+                                   f"{', '.join(meta_cases.META_CASE_NAMES)} (second-order write, read loss, "
+                                   "backward; only when named)")
     p.add_argument("--quick", action="store_true",
                    help="1 warm-up, 3 repeats; compiled loop for the two latency LM cases only")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -47,6 +51,7 @@ def _plot_only(json_path, png_path):
 
 
 def _select(args, is_cuda):
+    """(write cases, meta-step cases) selected by --cases, resized by --batch / --context."""
     if args.cases:
         names = [n.strip() for n in args.cases.split(",") if n.strip()]
     else:
@@ -54,7 +59,11 @@ def _select(args, is_cuda):
     for value, flag in ((args.batch, "--batch"), (args.context, "--context")):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    return [cases_mod.get_case(n).resized(B=args.batch, T=args.context) for n in names]
+    meta = [meta_cases.get_meta_case(n).resized(B=args.batch, T=args.context)
+            for n in names if n in meta_cases.META_CASE_NAMES]
+    write = [cases_mod.get_case(n).resized(B=args.batch, T=args.context)
+             for n in names if n not in meta_cases.META_CASE_NAMES]
+    return write, meta
 
 
 def main(argv=None):
@@ -76,7 +85,7 @@ def main(argv=None):
         print(f"--device {args.device} runs only as a smoke run: add --quick", file=sys.stderr)
         return 1
     try:
-        case_list = _select(args, is_cuda)
+        case_list, meta_case_list = _select(args, is_cuda)
         gpu_tests = report.sum_gpu_tests(args.gpu_tests) if args.gpu_tests else None
     except (ValueError, OSError) as exc:
         print(str(exc), file=sys.stderr)
@@ -104,7 +113,8 @@ def main(argv=None):
         paths["json"] = report.write_json(result, args.out_dir)
 
     result = run(case_list, args.device, warmup=warmup, repeats=repeats, compile_cases=compile_cases,
-                 gpu_tests=gpu_tests, profile=args.profile, on_case=save, log=lambda s: print(s, flush=True))
+                 gpu_tests=gpu_tests, profile=args.profile, on_case=save, log=lambda s: print(s, flush=True),
+                 meta_case_list=meta_case_list)
     result["quick"] = args.quick
     save(result)
     print(report.format_table(result))
@@ -119,4 +129,6 @@ def main(argv=None):
     except ImportError:
         print(f"matplotlib is not importable: no chart; draw it later with "
               f"`python -m gradmem_fast bench --plot {paths['json']}`")
-    return 1 if any(c["plain_ms"] is None for c in result["cases"]) else 0
+    baseline_missing = any(c["plain_ms"] is None for c in result["cases"])
+    baseline_missing |= any(c["reference_ms"] is None for c in result["meta_cases"])
+    return 1 if baseline_missing else 0

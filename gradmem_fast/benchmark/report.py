@@ -32,8 +32,7 @@ def format_table(result):
                      _fmt(c["fast_over_floor"], ".2f"), _fmt(c["plain_over_fast"], ".2f"),
                      _fmt(c["compiled_over_fast"], ".2f"), _fmt(c["plain_peak_gb"], ".2f"),
                      _fmt(c["fast_peak_gb"], ".2f"), _fmt(c["fast_rel_err"], ".2e")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = [head] + ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines = [head] + _table(rows)
     for c in result["cases"]:
         for name in ("plain", "compiled", "reference", "fast"):
             reason = c.get(f"{name}_reason")
@@ -41,12 +40,39 @@ def format_table(result):
                 lines.append(f"{c['case']}: {name} not measured: {reason}")
     for c in result["cases"]:
         lines += targets.format_checks(c)
+    lines += _meta_table(result.get("meta_cases") or [])
     lines += result.get("notes") or []
     tests = result.get("gpu_tests")
     if tests:
         lines.append(f"GPU tests: {tests['passed']} passed, {tests['failed']} failed, "
                      f"{tests['skipped']} skipped")
     return "\n".join(lines)
+
+
+def _table(rows):
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+
+
+def _meta_table(meta):
+    """Lines for the meta-step cases: times, peaks, their ratios, the M0 gradient agreement, the targets."""
+    if not meta:
+        return []
+    rows = [("meta case", "reference ms", "fast ms", "reference/fast", "reference GB", "fast GB",
+             "fast/reference GB", "fast GB K=8 / K", "M0 grad rel err", "recompute nodes", "recompute MB")]
+    for c in meta:
+        rows.append((c["case"], _fmt(c["reference_ms"], ".2f"), _fmt(c["fast_ms"], ".2f"),
+                     _fmt(c["reference_over_fast"], ".2f"), _fmt(c["reference_peak_gb"], ".2f"),
+                     _fmt(c["fast_peak_gb"], ".2f"), _fmt(c["fast_peak_over_reference"], ".2f"),
+                     _fmt(c["fast_peak_k8_over_k"], ".2f"), _fmt(c["m0_grad_rel_err"], ".2e"),
+                     str(c["recompute_step_nodes"]), _fmt(c["recompute_step_saved_bytes"] / 1e6, ".1f")))
+    lines = _table(rows)
+    for c in meta:
+        for name in ("reference", "fast"):
+            if c.get(f"{name}_ms") is None and c.get(f"{name}_reason"):
+                lines.append(f"{c['case']}: {name} not measured: {c[f'{name}_reason']}")
+        lines += targets.format_checks(c)
+    return lines
 
 
 def write_json(result, out_dir):
@@ -67,7 +93,7 @@ def plot(result, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = result["cases"]
+    cases = result["cases"] + (result.get("meta_cases") or [])
     width = 0.8 / len(WRITERS)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
     for i, (key, label) in enumerate(WRITERS):
@@ -80,7 +106,7 @@ def plot(result, png_path):
         ax.bar(xs, ys, width, label=label)
     ax.set_xticks(range(len(cases)), [c["case"] for c in cases], rotation=20, ha="right")
     ax.set_yscale("log")
-    ax.set_ylabel("ms per write (median)")
+    ax.set_ylabel("ms per write or meta step (median)")
     ax.set_title(f"{result['card']}, torch {result['torch']}, {result['date']}")
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -176,8 +176,9 @@ def environment(device, matmul_tflops):
 
 
 def run(case_list, device="cuda", *, warmup=2, repeats=5, compile_cases=(), gpu_tests=None,
-        profile=False, on_case=None, log=print):
-    """The benchmark result (see benchmarks/results/README.md); `on_case(result)` after each case."""
+        profile=False, on_case=None, log=print, meta_case_list=()):
+    """The benchmark result (see benchmarks/results/README.md); `on_case(result)` after each case.
+    meta_case_list: meta-step cases (meta_cases.py), run after the write cases into result["meta_cases"]."""
     is_cuda = torch.device(device).type == "cuda"
     notes = []
     if is_cuda:
@@ -187,7 +188,7 @@ def run(case_list, device="cuda", *, warmup=2, repeats=5, compile_cases=(), gpu_
         matmul_tflops = None
         notes.append("CPU run: matmul rate not measured, so floor_ms is null; peak memory is not measured")
     result = environment(device, matmul_tflops)
-    result.update({"warmup": warmup, "repeats": repeats, "notes": notes, "cases": [],
+    result.update({"warmup": warmup, "repeats": repeats, "notes": notes, "cases": [], "meta_cases": [],
                    "gpu_tests": gpu_tests})
     # The library's backend override would make "reference" and "fast" time the same writer.
     forced = os.environ.pop(BACKEND_ENV, None)
@@ -200,6 +201,14 @@ def run(case_list, device="cuda", *, warmup=2, repeats=5, compile_cases=(), gpu_
                              compiled=case.name in compile_cases, matmul_tflops=matmul_tflops,
                              profile=profile)
             result["cases"].append(entry)
+            if on_case is not None:
+                on_case(result)
+        if meta_case_list:
+            from .meta_cases import run_meta_case
+
+        for case in meta_case_list:
+            log(f"meta case {case.name}: B={case.B} T={case.T} m={case.m} K={case.K} {case.dtype}")
+            result["meta_cases"].append(run_meta_case(case, device, warmup=warmup, repeats=repeats))
             if on_case is not None:
                 on_case(result)
     finally:

@@ -36,13 +36,39 @@ PLAIN_LOOP_H200 = {
     "kv-latency": (43.9, None, None),
 }
 
+
+
+@dataclass(frozen=True)
+class MetaTarget:
+    case: str
+    reference_over_fast_min: float = None  # reference second-order meta step ms / fast ms at least
+    peak_over_reference_max: float = None  # fast peak memory / reference peak memory at most
+    peak_k8_over_k_max: float = None  # fast peak at K = 8 / fast peak at the case's K at most (flat in K)
+
+
+META_TARGETS = (
+    MetaTarget("meta-gpt2", 3.0, 0.5, 1.1),
+    MetaTarget("meta-kv", 5.0, None, 1.1),
+)
+
+# The reference's second-order meta step (write with grad_mode="second", read loss, backward) on one
+# NVIDIA H200: case -> (ms, peak GB); None where not measured.
+REFERENCE_META_H200 = {
+    "meta-gpt2": (209.0, 21.6),
+    "meta-kv": (None, None),
+}
+
 _CHECKS = (("fast_over_floor", "fast_over_floor_max", "<="), ("plain_over_fast", "plain_over_fast_min", ">="),
            ("compiled_over_fast", "compiled_over_fast_min", ">="),
            ("fast_peak_over_plain", "peak_over_plain_max", "<="))
+_META_CHECKS = (("reference_over_fast", "reference_over_fast_min", ">="),
+                ("fast_peak_over_reference", "peak_over_reference_max", "<="),
+                ("fast_peak_k8_over_k", "peak_k8_over_k_max", "<="))
 
 
 def get_target(case):
-    for target in TARGETS:
+    """The Target or MetaTarget of a case name, None for a case without targets."""
+    for target in TARGETS + META_TARGETS:
         if target.case == case:
             return target
     return None
@@ -54,7 +80,7 @@ def check(entry):
     if target is None:
         return []
     rows = []
-    for measure, field, op in _CHECKS:
+    for measure, field, op in (_META_CHECKS if isinstance(target, MetaTarget) else _CHECKS):
         bound = getattr(target, field)
         if bound is None:
             continue

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from gradmem_fast.benchmark import cases, targets
+from gradmem_fast.benchmark import cases, meta_cases, targets
 
 CONFIG_OF = {"gpt2": "gpt2-small", "llama1b": "llama1b", "kv": "kv"}
 PERFORMANCE_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks",
@@ -46,6 +46,30 @@ def test_target_table_matches_the_data():
 def test_baseline_table_matches_the_data():
     rows = _section("The plain loop on an H200")
     assert {r[0]: tuple(_number(c) for c in r[1:]) for r in rows} == targets.PLAIN_LOOP_H200
+
+
+def test_meta_tables_match_the_data():
+    rows = _section("Meta-step cases")
+    case_rows, target_rows = rows[:2], rows[4:]
+    assert [r[0] for r in case_rows] == list(meta_cases.META_CASE_NAMES)
+    for row in case_rows:
+        c = meta_cases.get_meta_case(row[0])
+        assert (c.B, c.T, c.m, c.K, c.query, c.answer, c.dtype) == tuple(int(v) for v in row[2:8]) + (row[8],)
+    assert [r[0] for r in target_rows] == list(meta_cases.META_CASE_NAMES)
+    for row in target_rows:
+        t = targets.get_target(row[0])
+        assert isinstance(t, targets.MetaTarget)
+        assert [_number(v) for v in row[1:]] == [t.reference_over_fast_min, t.peak_over_reference_max,
+                                                  t.peak_k8_over_k_max]
+    assert "meta-gpt2 209 ms and 21.6 GB" in open(PERFORMANCE_MD).read()
+    assert targets.REFERENCE_META_H200["meta-gpt2"] == (209.0, 21.6)
+
+
+def test_meta_target_checks():
+    entry = {"case": "meta-kv", "reference_over_fast": 4.0, "fast_peak_over_reference": 0.3,
+             "fast_peak_k8_over_k": 1.05}
+    assert targets.format_checks(entry) == ["meta-kv: reference_over_fast 4.00 (target >= 5) MISSED",
+                                            "meta-kv: fast_peak_k8_over_k 1.05 (target <= 1.1) met"]
 
 
 def test_target_checks_say_met_missed_and_unmeasured():

@@ -126,3 +126,27 @@ def test_gpu_run_fills_floor_and_peaks(tmp_path):
     assert case["reference_rel_err_vs_plain"] < 1e-4
     if case["fast_ms"] is not None:
         assert case["fast_peak_gb"] > 0 and case["fast_rel_err"] < 1e-3
+
+
+def test_meta_cases_run_only_when_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADMEM_FAST_OP_BACKEND", "reference")  # the twins: no Triton interpreter at width 128
+    out = tmp_path / "results"
+    argv = ["--device", "cpu", "--quick", "--cases", "meta-kv", "--batch", "2", "--context", "9",
+            "--warmup", "0", "--repeats", "1", "--out-dir", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "latest.json").read_text())
+    assert result["cases"] == []
+    (meta,) = result["meta_cases"]
+    assert (meta["case"], meta["B"], meta["T"], meta["K"]) == ("meta-kv", 2, 9, 2)
+    assert meta["reference_ms"] > 0 and meta["fast_ms"] > 0 and meta["m0_grad_rel_err"] < 1e-4
+    assert "meta-kv: reference_over_fast" in printed and "recompute nodes" in printed
+
+
+@pytest.mark.gpu
+def test_gpu_meta_case_measures_peaks_flat_in_k(tmp_path):
+    out = tmp_path / "results"
+    assert main(["--cases", "meta-kv", "--batch", "8", "--warmup", "1", "--repeats", "2", "--out-dir", str(out)]) == 0
+    (meta,) = json.loads((out / "latest.json").read_text())["meta_cases"]
+    assert meta["reference_peak_gb"] > 0 and meta["fast_peak_gb"] > 0 and meta["fast_peak_k8_gb"] > 0
+    assert meta["m0_grad_rel_err"] < 1e-3

@@ -14,7 +14,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_check  # noqa: E402
 
-ORDER = ["info", "csrc", "install", "triton-cache", "tests", "bench-plain", "bench-compiled", "micro", "export"]
+ORDER = ["info", "csrc", "install", "triton-cache", "tests", "bench-plain", "bench-meta", "bench-compiled", "export"]
+WITH_MICRO = ORDER[:-1] + ["micro", "export"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -38,9 +39,9 @@ def _returned_files(out):
 
 
 def test_dry_run_runs_every_step_in_order_and_returns_at_most_8_files(tmp_path):
-    done, result, out = _dry_run(tmp_path, "--budget", "60")
+    done, result, out = _dry_run(tmp_path, "--budget", "60", "--micro")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [s["name"] for s in result["steps"]] == ORDER
+    assert [s["name"] for s in result["steps"]] == WITH_MICRO
     assert all(s["status"] == "ok" for s in result["steps"]), result["steps"]
     files = _returned_files(out)
     assert len(files) <= gpu_check.MAX_OUT_FILES
@@ -50,13 +51,13 @@ def test_dry_run_runs_every_step_in_order_and_returns_at_most_8_files(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"logs/tests/kernels-0.xml", "logs/bench-plain/latest.json", "logs/micro.json"} <= names
-    assert {f"logs/{step}.log" for step in ORDER} <= names
+    assert {f"logs/{step}.log" for step in WITH_MICRO} <= names
     assert result["tests"]["passed"] >= 2 and result["tests"]["failed"] == 1
     assert len(result["bench"]["bench-plain"]["cases"]) >= 1
     summary = (out / "summary.txt").read_text()
     assert "tests: " in summary and "FAIL tests.stub::test_bad_0" in summary
     starts = [line for line in (out / "check.log").read_text().splitlines() if "(at most" in line]
-    assert [line.split("== ")[1].split(" ")[0] for line in starts] == ORDER
+    assert [line.split("== ")[1].split(" ")[0] for line in starts] == WITH_MICRO
 
 
 def test_an_interrupted_step_keeps_its_results_and_the_rest_fits_the_budget(tmp_path):
@@ -66,7 +67,7 @@ def test_an_interrupted_step_keeps_its_results_and_the_rest_fits_the_budget(tmp_
     assert done.returncode == 1
     assert steps["tests"]["status"] == "interrupted" and steps["tests"]["rc"] == 130
     assert result["tests"]["passed"] >= 1 and result["tests"]["interrupted"] == 1  # the junit written at SIGINT
-    assert steps["bench-plain"]["status"] == "skipped" and steps["micro"]["status"] == "skipped"
+    assert steps["bench-plain"]["status"] == "skipped" and steps["bench-compiled"]["status"] == "skipped"
     assert steps["export"]["status"] == "ok" and (out / "triton-cache.tar.gz").exists()
     assert result["elapsed_s"] <= budget + gpu_check.GRACE_S
     for s in result["steps"]:
@@ -80,6 +81,7 @@ def test_an_interrupted_step_keeps_its_results_and_the_rest_fits_the_budget(tmp_
 def test_every_cap_fits_and_the_expected_times_fit_the_default_budget(tmp_path):
     steps = gpu_check.plan(str(tmp_path), str(tmp_path), str(tmp_path))
     assert [s.name for s in steps] == ORDER
+    assert [s.name for s in gpu_check.plan(str(tmp_path), str(tmp_path), str(tmp_path), micro=True)] == WITH_MICRO
     assert steps[-1].name == "export" and steps[-1].cap_s == gpu_check.RESERVE_S
     foreground = sum(s.expect_s for s in steps if not s.background)
     assert foreground <= 285, foreground
