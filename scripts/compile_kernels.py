@@ -10,7 +10,8 @@ registers, then lists the spilling ones; exits 1 if any compile fails. `--autotu
 what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim).
 
     python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128] [-j 2]
-                                      [--autotune 0] [--ops attention,head_loss,qk_norm,geglu]
+                                      [--autotune 0]
+                                      [--ops attention,head_loss,head_loss_double_backward,qk_norm,geglu]
 """
 import argparse
 import concurrent.futures as cf
@@ -87,6 +88,16 @@ def head_loss_launches(dtype, d, V, N=16):
         head_loss(hidden, weight, targets, row_weights, torch.empty(N), torch.empty_like(hidden), method=method)
 
 
+def head_loss_double_backward_launches(dtype, d, V, N=16):
+    """The backward of head_loss_op: both gradients, and the hidden one alone (NEED_HIDDEN off)."""
+    from gradmem_fast.kernels.head_loss_double_backward import head_loss_double_backward
+
+    hidden, weight, grad_bar = _rand((N, d), dtype), _rand((V, d), dtype), _rand((N, d), dtype)
+    rows = (torch.randint(0, V, (N,)), torch.ones(N), torch.zeros(N), torch.zeros(N))
+    head_loss_double_backward(hidden, weight, *rows, grad_bar, torch.empty_like(hidden), torch.empty_like(weight))
+    head_loss_double_backward(hidden, weight, *rows, grad_bar, None, torch.empty_like(weight))
+
+
 def qk_norm_launches(dtype, D, G=24, N=64):
     """The per-head q/k RMS norm over G = H + Hkv heads of width D (or one row of the whole projection)."""
     from gradmem_fast.kernels.qk_norm import qk_norm_bwd, qk_norm_fwd
@@ -105,7 +116,7 @@ def geglu_launches(dtype, n=1 << 20):
     geglu_bwd(_rand((n,), dtype), gate, up, torch.empty_like(gate), torch.empty_like(up))
 
 
-OPS = ("attention", "head_loss", "qk_norm", "geglu")
+OPS = ("attention", "head_loss", "head_loss_double_backward", "qk_norm", "geglu")
 
 
 def collect(dtypes, head_dims, ops=OPS):
@@ -120,6 +131,9 @@ def collect(dtypes, head_dims, ops=OPS):
             # GPT-2, Llama-3.2-1B and the small KV-retrieval model's head
             for d, V in ((768, 50257), (2048, 128256), (128, 70)):
                 head_loss_launches(dtype, d, V)
+        if "head_loss_double_backward" in ops:
+            for d, V in ((768, 50257), (2048, 128256), (128, 70)):
+                head_loss_double_backward_launches(dtype, d, V)
         if "qk_norm" in ops:  # per head (Qwen3, Gemma 3) and over the whole projection (OLMo 2)
             for D in (*head_dims, 2048, 4096):
                 qk_norm_launches(dtype, D, G=24 if D <= 256 else 1)
@@ -181,7 +195,8 @@ def compile_one(index):
 
 def describe(signature, constexprs, options):
     ptrs = sorted({t for t in signature.values() if t.startswith("*") and t not in ("*fp32", "*i32", "*i64")})
-    keys = ("GROUP", "HEAD_DIM", "HAS_LENGTHS", "STATE_OUT", "DELTA_FROM_O", "BLOCK_M", "BLOCK_N", "BLOCK_V", "BLOCK_D")
+    keys = ("GROUP", "HEAD_DIM", "HAS_LENGTHS", "STATE_OUT", "DELTA_FROM_O", "NEED_HIDDEN", "ACC_IS_OUT", "BLOCK_M",
+            "BLOCK_N", "BLOCK_V", "BLOCK_D")
     const = " ".join(f"{k}={constexprs[k]}" for k in keys if k in constexprs)
     return f"{','.join(ptrs) or 'fp32'} {const} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
 
