@@ -1,5 +1,5 @@
 """Per-layer forward and input-gradient backward: the block structures (pre-norm, post-norm, sandwich,
-parallel), written once and shared by layer 0 and the other layers.
+parallel), written once and shared by layer 0 and the other layers, and by the second-order recompute.
 
 Residual stream bookkeeping: a layer receives `pending` (the previous layer's output delta, None at
 layer 0) and `h` (the residual stream before it); the fused add + norm forms h + pending. A layer's
@@ -9,14 +9,20 @@ w.r.t. the stream before it. Weights are frozen: only input gradients are formed
 Layer 0 differs only before attention: its context rows' work is done once per write (Layer0Context), so
 its norm and q/k/v cover the m memory rows; from the attention output on, every row is new and the
 sequential tail is the same code as in the other layers.
+
+The attention sublayer of layer_forward / layer_backward is the plan's (`plan.attention`, a
+sublayers.AttentionSublayer): the engine's runs in place on its per-write buffers (sublayers.IN_PLACE_ATTENTION);
+the recomputed step of a second-order write (recompute.py) runs every layer, layer 0 included, through these
+same two functions with an out-of-place attention that autograd can differentiate twice
+(recompute_attention.OUT_OF_PLACE_ATTENTION). All else those two functions do is out of place already.
 """
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .sublayers import (AttnSaved, attention_backward, attention_forward, linear_input_grad, mlp_backward,
-                        mlp_forward, output_projection, qkv_backward, qkv_forward, qkv_grad_buffers)
+from .sublayers import (AttnSaved, linear_input_grad, mlp_backward, mlp_forward, output_projection, qkv_backward,
+                        qkv_forward, qkv_grad_buffers)
 
 
 class Tail(NamedTuple):
@@ -33,14 +39,14 @@ class Tail(NamedTuple):
 class SequentialSaved(NamedTuple):
     h1: torch.Tensor  # the stream the attention sublayer adds to; layer 0: the memory rows x_mem (B, m, d)
     attn_stats: Optional[torch.Tensor]  # stats of attn_norm, None in a post-norm block
-    attn: AttnSaved
+    attn: Any  # what the attention sublayer saved (AttnSaved in the engine)
     tail: Tail
 
 
 class ParallelSaved(NamedTuple):
     h1: torch.Tensor  # the stream both sublayers read; layer 0: the memory rows x_mem (B, m, d)
     attn_stats: torch.Tensor
-    attn: AttnSaved
+    attn: Any  # what the attention sublayer saved (AttnSaved in the engine)
     mlp_stats: torch.Tensor
     pre: Any
 
@@ -197,30 +203,31 @@ def layer0_backward(plan, g, saved):
 
 
 def layer_forward(plan, i, pending, h):
-    """Layer i >= 1: (pending, h) -> (pending', h', saved)."""
-    spec, ops = plan.spec, plan.ops
+    """Layer i: (pending, h) -> (pending', h', saved). The engine runs it for i >= 1 (layer 0: layer0_forward);
+    the recompute for every layer, layer 0 with pending its input rows and h None."""
+    spec, ops, attention = plan.spec, plan.ops, plan.attention
     layer = spec.layers[i]
     a, h1, s1 = _norm_in(spec, ops, layer.attn_norm, pending, h)
     if spec.parallel_residual:
         # out = mlp(norm2(h1)) + attn(norm1(h1)): the output projection accumulates onto the MLP output
         b, _, s2 = ops.add_norm_forward(h1, None, layer.mlp_norm, spec.norm_kind)
         mlp_out, pre = mlp_forward(spec, ops, layer, b, down=plan.down[i])
-        out, attn_saved = attention_forward(plan, i, a, addend=mlp_out)
+        out, attn_saved = attention.forward(plan, i, a, addend=mlp_out)
         return out, h1, ParallelSaved(h1, s1, attn_saved, s2, pre)
-    attn_out, attn_saved = attention_forward(plan, i, a)
+    attn_out, attn_saved = attention.forward(plan, i, a)
     pending, h2, tail = _tail_forward(spec, ops, layer, attn_out, h1)
     return pending, h2, SequentialSaved(h1, s1, attn_saved, tail)
 
 
 def layer_backward(plan, i, g, saved):
     """g (B, S, d) gradient of the stream after layer i -> gradient of the stream before it."""
-    spec, ops = plan.spec, plan.ops
+    spec, ops, attention = plan.spec, plan.ops, plan.attention
     layer = spec.layers[i]
     if spec.parallel_residual:
         d_b = mlp_backward(spec, ops, layer, g, saved.pre)
-        d_a = attention_backward(plan, i, g, saved.attn)
+        d_a = attention.backward(plan, i, g, saved.attn)
         g1 = ops.add_norm_backward(d_a, g, saved.h1, layer.attn_norm, saved.attn_stats, spec.norm_kind)
         return ops.add_norm_backward(d_b, g1, saved.h1, layer.mlp_norm, saved.mlp_stats, spec.norm_kind)
     g_attn, g2 = _tail_backward(spec, ops, layer, g, saved.tail)
-    d_a = attention_backward(plan, i, g_attn, saved.attn)
+    d_a = attention.backward(plan, i, g_attn, saved.attn)
     return _norm_in_backward(spec, ops, layer.attn_norm, d_a, g2, saved.h1, saved.attn_stats)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..models.forward import layer_rotary
 from .layers import Layer0Context, layer0_context
-from .sublayers import down_linears, qk_norm_parts, qkv_linears
+from .sublayers import IN_PLACE_ATTENTION, down_linears, qk_norm_parts, qkv_linears
 
 
 @dataclass
@@ -53,9 +53,9 @@ def _ropes(spec, ops, m, T, device):
     return tuple(ropes)
 
 
-def _fold_norm_offsets(spec):
+def fold_norm_offsets(spec):
     """spec itself, or where a norm scales by (offset + w) (Gemma), a copy whose norms hold offset + w (made
-    once per write, so the norm ops take plain weights)."""
+    once per write, so the norm ops take plain weights; under autograd, offset + w is in the graph of w)."""
     def fold(norm):
         if norm is None or not norm.offset:
             return norm
@@ -113,6 +113,7 @@ class Plan:
     qk_norm: tuple  # per layer, the q/k RMS norm's launches (sublayers.qk_norm_parts), or None
     layer0: Layer0Context
     head: HeadRows
+    attention: Any  # the attention sublayer layers.layer_forward runs (sublayers.IN_PLACE_ATTENTION)
 
     @property
     def S(self):
@@ -161,7 +162,7 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     head_rows_count: R, how many of the B*T positions reach the head (real ones first); it must be at
     least the number of real tokens (sum of the mask), which is not checked. Default B*T.
     """
-    spec = _fold_norm_offsets(spec)
+    spec = fold_norm_offsets(spec)
     B, T = input_ids.shape
     device = input_ids.device
     dtype = spec.embedding.dtype
@@ -194,4 +195,5 @@ def build_plan(spec, ops, input_ids, attention_mask, m, memory_dtype, write_head
     return Plan(spec=spec, ops=ops, B=B, T=T, m=m, dtype=dtype, memory_dtype=memory_dtype,
                 proj_weight=proj_weight, proj_bias=proj_bias, ctx_lengths=ctx_lengths, full_lengths=full_lengths,
                 targets=targets, row_weights=row_weights, sample_weights=sample_weights, pos_mem=pos_mem,
-                ropes=ropes, qkv=qkv, down=down, qk_norm=qk_norm, layer0=layer0, head=head_rows(real, targets, row_weights, head, B, T, m, R))
+                ropes=ropes, qkv=qkv, down=down, qk_norm=qk_norm, layer0=layer0,
+                head=head_rows(real, targets, row_weights, head, B, T, m, R), attention=IN_PLACE_ATTENTION)

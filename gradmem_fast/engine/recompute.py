@@ -1,27 +1,31 @@
 """One write step recomputed with the ops' PyTorch twins under autograd: the step's loss and its gradient
 g(M) = grad_M sum_b L_b(M) as differentiable functions of the memory and of every weight (second_order.md).
 
-The engine's hand-written backward (layers.py, in the out-of-place form of recompute_layers.py) runs on
-the twins, whose backward formulas are plain torch ops, so its output g is a graph that autograd
-differentiates once more (reverse over reverse). What the fast step caches per write (the layer-0 context rows' norm, q/k/v,
-rotary and context-over-context attention, the fused q/k/v weights, the folded biases) depends on the
-weights, so here it is recomputed inside the step's graph: layer 0 runs as a full layer over all rows.
+The engine's hand-written backward runs on the twins, whose backward formulas are plain torch ops, so its
+output g is a graph that autograd differentiates once more (reverse over reverse). The layers are the engine's
+own (layers.layer_forward / layer_backward, every block structure written once there) with the out-of-place
+attention sublayer of recompute_attention.py. What the fast step caches per write (the layer-0 context rows'
+norm, q/k/v, rotary and context-over-context attention, the fused q/k/v weights, the folded biases and norm
+offsets) depends on the weights, so here it is rebuilt inside the step's graph: layer 0 runs as a full layer
+over all rows.
 
 Shapes: B samples, T context tokens, m memory rows, S = m + T, d hidden size.
 """
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..models import describe
+from ..models.forward import layer_rotary
 from ..ops.head_loss import fused_head_loss_reference
 from ..ops.memory_update import memory_update__reference
-from .sublayers import down_linears, qkv_linears
-from .recompute_layers import layer_backward, layer_forward
+from .layers import layer_backward, layer_forward
 from .ops import ops_for
+from .plan import fold_norm_offsets
+from .recompute_attention import OUT_OF_PLACE_ATTENTION
+from .sublayers import down_linears, qk_norm_parts, qkv_linears
 
 TWINS = ops_for("reference")
 
@@ -55,17 +59,35 @@ def step_constants(input_ids, attention_mask, m, memory_dtype, lr, write_head, m
                          lr=torch.full((), lr, dtype=torch.float32, device=input_ids.device))
 
 
+@dataclass
+class RecomputePlan:
+    """What layers.layer_forward / layer_backward and the out-of-place attention sublayer read, built from the
+    model's parameters under the current grad mode, so the fused q/k/v weights, folded biases, q/k norm
+    weights and norm offsets are in the step's graph."""
+    spec: Any  # models.spec.ModelSpec, norm offsets folded (plan.fold_norm_offsets)
+    ops: Any  # engine.ops.Ops on the twins
+    qkv: tuple  # per layer, the q/k/v projection as one Linear (sublayers.qkv_linears)
+    down: tuple  # per layer, the MLP down projection as the engine runs it (sublayers.down_linears)
+    qk_norm: tuple  # per layer, the q/k norm's parts (sublayers.qk_norm_parts), or None
+    tables: tuple  # per layer, (cos, sin, rotary) of its rotary for positions 0..S-1, or None
+    full_lengths: torch.Tensor  # (B,) int32 m + L_b
+    attention: Any  # recompute_attention.OUT_OF_PLACE_ATTENTION
+
+
 def layer_plan(model, consts):
-    """The part of an engine plan that layers.layer_forward / layer_backward read, built from the model's
-    parameters under the current grad mode (so the fused q/k/v weights and folded biases are in the graph)."""
-    spec = describe(model)
-    rope = None
-    if spec.rotary is not None:
-        positions = torch.arange(consts.m + consts.input_ids.shape[1], device=consts.input_ids.device)
-        cos_all, sin_all = TWINS.rotary_tables(spec.rotary, positions)
-        rope = SimpleNamespace(cos_all=cos_all, sin_all=sin_all)
-    return SimpleNamespace(spec=spec, ops=TWINS, qkv=qkv_linears(spec), down=down_linears(spec),
-                           full_lengths=consts.full_lengths, rope=rope)
+    """The RecomputePlan of one step. Rotary tables depend on no weight (the inv_freq buffers); one set per
+    distinct rotary (per-layer rotary: Gemma 3's local layers)."""
+    spec = fold_norm_offsets(describe(model))
+    positions = torch.arange(consts.m + consts.input_ids.shape[1], device=consts.input_ids.device)
+    by_rotary, tables = {}, []
+    for layer in spec.layers:
+        rotary = layer_rotary(spec, layer)
+        if rotary is not None and id(rotary) not in by_rotary:
+            by_rotary[id(rotary)] = (*TWINS.rotary_tables(rotary, positions), rotary)
+        tables.append(None if rotary is None else by_rotary[id(rotary)])
+    return RecomputePlan(spec=spec, ops=TWINS, qkv=qkv_linears(spec), down=down_linears(spec),
+                         qk_norm=qk_norm_parts(spec), tables=tuple(tables), full_lengths=consts.full_lengths,
+                         attention=OUT_OF_PLACE_ATTENTION)
 
 
 def _memory_rows(plan, consts, memory):
@@ -83,6 +105,8 @@ def _memory_rows(plan, consts, memory):
 def _context_rows(plan, consts):
     spec, T = plan.spec, consts.input_ids.shape[1]
     x = F.embedding(consts.input_ids, spec.embedding)
+    if spec.embedding_scale is not None:  # as plan.build_plan: the memory rows are not scaled
+        x = x * spec.embedding_scale
     if spec.position_embedding is not None:
         x = x + spec.position_embedding[consts.m:consts.m + T]
     return x
@@ -95,8 +119,8 @@ def step_loss_and_gradient(model, consts, memory, with_gradient=True):
     spec, ops, m = plan.spec, plan.ops, consts.m
     B, T = consts.input_ids.shape
     x0 = torch.cat([_memory_rows(plan, consts, memory), _context_rows(plan, consts)], dim=1)  # (B, S, d)
-    # layer 0 as a full layer: its stream input h is zero and `pending` is x0 (x0 + 0 is x0 exactly)
-    pending, h = x0, torch.zeros_like(x0)
+    # layer 0 as a full layer: `pending` is x0 and there is no stream before it (h None: its stream is x0)
+    pending, h = x0, None
     saved = []
     for i in range(len(spec.layers)):
         pending, h, s = layer_forward(plan, i, pending, h)

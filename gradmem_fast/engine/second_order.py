@@ -20,9 +20,6 @@ from .recompute import StepConstants, memory_update, step_constants, step_loss_a
 from .specs import check_length, spec_of
 from .step import write_step
 
-# the adapters whose layers recompute_layers.py reproduces (llama covers Llama, Mistral and Qwen2)
-RECOMPUTED_FAMILIES = ("llama", "gpt2", "gpt_neox")
-
 
 def meta_parameters(model, write_head, memory_proj):
     """The tensors besides the memory that a meta-gradient reaches, each once: the model's parameters, the
@@ -39,15 +36,15 @@ def meta_parameters(model, write_head, memory_proj):
 
 
 def recompute_reason(spec):
-    """None when the recomputed step (recompute.py) reproduces this model's layers, else why not."""
-    if spec.family not in RECOMPUTED_FAMILIES:
-        return (f"a second-order (or differentiable-loss) fast write does not cover the {spec.family!r} adapter "
-                f"yet (covered: {', '.join(RECOMPUTED_FAMILIES)})")
-    if spec.block not in ("pre", "parallel") or spec.qk_norm is not None or spec.embedding_scale is not None:
-        return ("a second-order (or differentiable-loss) fast write covers pre-norm and parallel blocks without "
-                "q/k norms or embedding scaling")
-    if any(layer.rotary is not None for layer in spec.layers):
-        return "a second-order (or differentiable-loss) fast write does not cover per-layer rotary tables"
+    """None when the recomputed step (recompute.py) reproduces this model's step, else why not.
+
+    It refuses nothing the first-order engine accepts: the recompute runs the engine's own block structures
+    (layers.layer_forward / layer_backward: pre-norm, post-norm, sandwich, parallel) and sublayers (the MLPs,
+    the add + norms with their offsets folded), with only the attention sublayer swapped for an
+    out-of-place one (recompute_attention.py) that covers every q/k/v layout, q/k norm and per-layer rotary
+    of the spec, and it embeds as plan.build_plan does (embedding scale, learned positions). A structure added
+    to layers.py is therefore covered by both; this is where a spec the out-of-place attention cannot take
+    would be named."""
     return None
 
 

@@ -3,7 +3,7 @@ optional RMS norm and rotary, attention over all rows, the MLP. engine/layers.py
 
 Shapes: B samples, S rows, d hidden size, H query heads, Hkv key/value heads, D head dim.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -80,7 +80,7 @@ def qk_norm_parts(spec):
     return tuple(out)
 
 
-def _part(qk, part):
+def qk_norm_view(qk, part):
     """The (B, S, G, D') view of heads [start, stop) of qk (B, S, H + Hkv, D); D contiguous, so a view."""
     heads = qk[..., part.start:part.stop, :]
     return heads.view(*heads.shape[:-2], *part.weight.shape)
@@ -111,7 +111,7 @@ def qkv_forward(spec, ops, lin, norm_parts, x, tables):
     saved = None
     if norm_parts is not None:
         normed = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
-        rstd = tuple(ops.qk_norm_forward(_part(qk, p), p.weight, p.eps, out=_part(normed, p))[1]
+        rstd = tuple(ops.qk_norm_forward(qk_norm_view(qk, p), p.weight, p.eps, out=qk_norm_view(normed, p))[1]
                      for p in norm_parts)
         saved = QKSaved(qk, rstd)
         qk = normed
@@ -143,7 +143,8 @@ def qkv_backward(spec, ops, lin, norm_parts, qkv, dy, dqk, tables):
     if qkv.norm is not None:
         dy_qk = split_qkv(spec, dy)[3]
         for p, rstd in zip(norm_parts, qkv.norm.rstd):
-            ops.qk_norm_backward(_part(dqk, p), _part(qkv.norm.pre, p), p.weight, rstd, out=_part(dy_qk, p))
+            ops.qk_norm_backward(qk_norm_view(dqk, p), qk_norm_view(qkv.norm.pre, p), p.weight, rstd,
+                                 out=qk_norm_view(dy_qk, p))
     return linear_input_grad(dy, lin)
 
 
@@ -178,7 +179,7 @@ def attention_forward(plan, i, a, addend=None):
 
 
 def attention_backward(plan, i, g, saved):
-    """g (B, S, d) gradient of the attention output -> gradient of its input (B, S, d)."""
+    """Layer i >= 1: g (B, S, d) gradient of the attention output -> gradient of its input (B, S, d)."""
     spec, ops, rope = plan.spec, plan.ops, plan.ropes[i]
     qkv, o = saved.qkv, saved.o
     do = linear_input_grad(g, spec.layers[i].o).view(o.shape)
@@ -186,6 +187,17 @@ def attention_backward(plan, i, g, saved):
     ops.attention_backward(do, qkv.q, qkv.k, qkv.v, o, saved.lse, plan.full_lengths, spec.attn_scale, out=out)
     tables = None if rope is None else rope.all
     return qkv_backward(spec, ops, plan.qkv[i], plan.qk_norm[i], qkv, dy, dqk, tables)
+
+
+class AttentionSublayer(NamedTuple):
+    """How layers.layer_forward / layer_backward run a block's attention sublayer (its normed input through
+    q/k/v, attention and the output projection, and back): `plan.attention`."""
+    forward: Callable  # (plan, i, a (B, S, d), addend=None) -> (out (B, S, d), saved), as attention_forward
+    backward: Callable  # (plan, i, g (B, S, d), saved) -> gradient of a (B, S, d), as attention_backward
+
+
+# the engine's: in place on views of per-step buffers, the ops on the plan's backend (not differentiable)
+IN_PLACE_ATTENTION = AttentionSublayer(attention_forward, attention_backward)
 
 
 # ------------------------------------------------------------------ MLP

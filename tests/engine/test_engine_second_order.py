@@ -3,9 +3,11 @@
 The fast write runs in float32 (its steps on the ops' twins, op_backend "reference": the backward recomputes
 each step with the twins, which autograd differentiates twice); the reference runs the same model upcast to
 float64 with Hugging Face's float32 casts lifted (models.hf64). Every gradient is compared: the initial
-memory, every model parameter, the write head and the projection's weight and bias.
+memory, every model parameter (embeddings, attention, MLP, norms: q/k norms and post norms too, LM head),
+the write head and the projection's weight and bias; a frozen parameter must get none on either side.
 """
 import copy
+import warnings
 import weakref
 
 import pytest
@@ -13,19 +15,22 @@ import torch
 
 import gradmem_fast
 from engine_cases import cast, fast_kwargs, make_options
-from gradmem_fast.engine import fast_write
+from gradmem_fast.engine import fast_reason, fast_write
 from gradmem_fast.engine.second_order import meta_parameters
-from helpers import random_batch, rel_err, tiny_model
+from helpers import FAMILIES, random_batch, rel_err, tiny_model
 from models.hf64 import hf_float64
 
 TOL_FP32 = 1e-4
 
 
-def _models(family, seed):
+def _models(family, seed, frozen=()):
+    """The same tiny model in float32 and float64, every parameter requiring grad but those whose name contains
+    one of `frozen`."""
     model64 = tiny_model(family, dtype=torch.float64, seed=seed)
     model32 = copy.deepcopy(model64).float()
-    model64.requires_grad_(True)
-    model32.requires_grad_(True)
+    for model in (model32, model64):
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(part in name for part in frozen))
     return model32, model64
 
 
@@ -50,9 +55,10 @@ def _outer(out, losses, seed):
 
 
 def meta_both(family, *, B, T, lengths, m, steps, second_order_steps, option_names=(), grad_mode="second",
-              per_sample_memory=False, lr=0.4, seed=0):
-    """{name: (fast fp32 gradient, reference fp64 gradient)} of one outer loss, and the written memories."""
-    model32, model64 = _models(family, seed)
+              per_sample_memory=False, lr=0.4, seed=0, frozen=()):
+    """{name: (fast fp32 gradient, reference fp64 gradient)} of one outer loss (the .grad each backward leaves,
+    None where it leaves none), checking the written memories and losses on the way."""
+    model32, model64 = _models(family, seed, frozen)
     ids, mask, memory = random_batch(model64, B, T, lengths=lengths, seed=seed + 1, m=m)
     memory = memory[None]
     if per_sample_memory:
@@ -69,23 +75,23 @@ def meta_both(family, *, B, T, lengths, m, steps, second_order_steps, option_nam
     start64 = memory.clone().requires_grad_(True)
     with hf_float64(model64):
         ref, ref_losses = gradmem_fast.reference.write(model64, start64, ids, mask, **kw, **options64)
-        ref_grads = torch.autograd.grad(_outer(ref, ref_losses, seed), [start64, *model64.parameters(), *extra64],
-                                        allow_unused=True)
+        _outer(ref, ref_losses, seed).backward()
 
     start32 = memory.float().clone().requires_grad_(True)
     out, losses = fast_write(model32, start32, ids, mask, op_backend="reference", **kw,
                              **fast_kwargs(options32))
     assert out.requires_grad and losses.requires_grad
-    grads = torch.autograd.grad(_outer(out, losses, seed), [start32, *model32.parameters(), *extra32],
-                                allow_unused=True)
+    _outer(out, losses, seed).backward()
     assert rel_err(out.detach(), ref.detach()) < TOL_FP32
     assert rel_err(losses.detach(), ref_losses.detach()) < TOL_FP32
+    grads = [t.grad for t in (start32, *model32.parameters(), *extra32)]
+    ref_grads = [t.grad for t in (start64, *model64.parameters(), *extra64)]
     return dict(zip(names, zip(grads, ref_grads)))
 
 
 def check_gradients(pairs):
     for name, (got, want) in pairs.items():
-        if want is None:  # not used by the write (the LM head beside a write head)
+        if want is None:  # frozen, or not used by the write (the LM head beside a write head)
             assert got is None, name
             continue
         assert got.shape == want.shape, name
@@ -103,6 +109,19 @@ CASES = [
     ("gpt2", 3, 5, [5, 2, 4], 2, 5, None, ("clip_norm",), False),
     ("qwen2", 2, 6, [6, 5], 4, 2, 1, ("clip_value", "clip_norm", "memory_proj"), True),
     ("gpt_neox", 1, 5, None, 1, 1, None, ("write_head", "clip_norm"), False),
+    # q/k norm per head (Qwen3); post-norm with q/k norms over the projections (OLMo 2); fused qkv and gate_up,
+    # partial rotary (Phi-3); sandwich norms with 1 + w, GeGLU, scaled embeddings, local and global rotary
+    # (Gemma 3). Each: B 1 and B > 1 (ragged), a write head, the projection, both clips, K 1 / 2 / 5,
+    # second_order_steps None and 1; the cases without a write head check the LM head's gradient.
+    ("qwen3", 2, 7, [7, 4], 3, 2, None, ("write_head", "memory_proj"), False),
+    ("qwen3", 1, 6, None, 2, 5, 1, ("clip_value",), False),
+    ("olmo2", 2, 6, [6, 3], 2, 2, 1, ("memory_proj", "clip_norm"), True),
+    ("olmo2", 1, 5, None, 2, 1, None, ("write_head",), False),
+    ("phi3", 3, 5, [5, 2, 4], 2, 5, None, ("clip_norm",), False),
+    ("phi3", 1, 6, None, 3, 2, 1, ("write_head", "memory_proj", "clip_value"), False),
+    ("gemma3_text", 2, 6, [4, 6], 3, 2, 1, ("clip_value", "clip_norm", "memory_proj"), True),
+    ("gemma3_text", 1, 7, None, 2, 5, None, ("write_head",), False),
+    ("gemma3_text", 2, 5, [5, 3], 2, 1, None, (), False),
 ]
 
 
@@ -114,7 +133,7 @@ def test_second_order_gradients_match_reference(family, B, T, lengths, m, steps,
     check_gradients(pairs)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "olmo2", "gemma3_text"])
 def test_first_order_losses_are_differentiable(family):
     pairs = meta_both(family, B=2, T=6, lengths=[6, 3], m=2, steps=2, second_order_steps=None,
                       option_names=("write_head",), grad_mode="first", seed=4)
@@ -132,6 +151,24 @@ def test_clipping_is_active_in_the_checks():
         clipped = fast_write(model, memory[None], ids, mask, steps=1, lr=0.4, grad_mode="none", return_losses=False,
                              op_backend="reference", **fast_kwargs(make_options(model, (option,))))
         assert rel_err(clipped, plain) > 1e-3
+
+
+@pytest.mark.parametrize("family, frozen", [
+    ("gemma3_text", ("embed_tokens", "q_norm", "k_norm", "post_", "layers.1.mlp")),
+    ("olmo2", ("norm", "layers.0.self_attn", "lm_head")),
+    ("qwen3", ("k_norm", "up_proj")),
+    ("phi3", ("qkv_proj", "layers.1")),
+])
+def test_partly_frozen_model(family, frozen):
+    """Parameters with requires_grad=False get no gradient from the fast second-order write (their .grad stays
+    None, as the reference's); the others match the reference."""
+    pairs = meta_both(family, B=2, T=6, lengths=[6, 4], m=2, steps=2, second_order_steps=None, seed=11,
+                      frozen=frozen)
+    model = _models(family, 11, frozen)[0]
+    names = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert names and len(names) < len(list(model.parameters()))  # some frozen, some not
+    assert all(pairs[n][0] is None and pairs[n][1] is None for n in names)
+    check_gradients(pairs)
 
 
 def test_frozen_parameters_get_nothing():
@@ -221,26 +258,26 @@ def test_first_order_result_reaches_only_the_memory():
     assert model.get_input_embeddings().weight.grad is None
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2", "phi3", "gemma3_text"])
-def test_uncovered_families_fall_back_for_second_order(family):
-    """The recomputed step reproduces pre-norm and parallel blocks only: other adapters say so, and auto
-    takes the reference for second order while first order stays on the engine."""
-    import warnings
-
-    from gradmem_fast import backends
-    from gradmem_fast.engine import fast_reason
-
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_order_fast_write_is_not_refused(family, monkeypatch):
+    """Every family the first-order engine takes also takes the fast second-order write (and first-order
+    writes with differentiable losses): nothing is refused, and backend="fast" runs it, without a warning."""
     model = tiny_model(family, dtype=torch.float32, seed=2)
-    ids, mask, memory = random_batch(model, 1, 5, m=2, seed=3)
+    model.requires_grad_(True)
+    ids, mask, memory = random_batch(model, 2, 5, lengths=[5, 3], m=2, seed=3)
     kw = dict(write_head=None, memory_proj=None, seq_len=7)
     assert fast_reason(model, memory, grad_mode="first", **kw) is None
-    reason = fast_reason(model, memory, grad_mode="second", **kw)
-    assert reason is not None and "second-order" in reason
-    with pytest.raises(gradmem_fast.BackendUnavailable, match="second-order"):
-        gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="fast")
-    backends._warned.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = gradmem_fast.write(model, memory, ids, mask, steps=1, lr=0.1, grad_mode="second", backend="auto")
-    assert out.shape == (1, 2, model.config.hidden_size)
-    assert any("falls back" in str(w.message) and "second-order" in str(w.message) for w in caught)
+    assert fast_reason(model, memory, grad_mode="second", **kw) is None
+    assert fast_reason(model, memory, grad_mode="first", return_losses=True, **kw) is None
+    choice = gradmem_fast.explain(model, memory, ids, mask, grad_mode="second", backend="fast")
+    assert choice.backend == "fast" and choice.blockers == (), str(choice)
+    start = memory.clone().requires_grad_(True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's ops use their PyTorch twins here, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = gradmem_fast.write(model, start, ids, mask, steps=2, lr=0.1, grad_mode="second", backend="fast")
+    assert out.shape == (2, 2, model.config.hidden_size) and out.requires_grad
+    out.square().sum().backward()
+    assert torch.isfinite(start.grad).all() and start.grad.abs().max() > 0
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

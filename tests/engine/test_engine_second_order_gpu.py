@@ -50,7 +50,7 @@ def _reference64(model64, ids, mask, memory, seed):
         return _gradients(gradmem_fast.reference.write, model64, memory, ids, mask, 2, seed)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen3", "olmo2", "phi3", "gemma3_text"])
 def test_fp32_gradients_match_reference(family):
     model64, model, ids, mask, memory = _setup(family, torch.float32, seed=1)
     want = _reference64(model64, ids, mask, memory, 1)
