@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..models import describe
 from ..models.forward import layer_rotary
-from ..ops.head_loss import fused_head_loss_reference
+from ..ops.head_loss_double_backward import head_loss_op
 from ..ops.memory_update import memory_update__reference
 from .layers import layer_backward, layer_forward
 from .ops import ops_for
@@ -44,10 +44,11 @@ class StepConstants:
     clip_value: Optional[float]
     clip_norm: Optional[float]
     lr: torch.Tensor  # () float32
+    head_backend: str = "auto"  # the head + loss op's backend (ops.head_loss_double_backward)
 
 
 def step_constants(input_ids, attention_mask, m, memory_dtype, lr, write_head, memory_proj, clip_value,
-                   clip_norm):
+                   clip_norm, head_backend="auto"):
     mask = attention_mask.to(torch.int32)
     lengths = mask.sum(dim=1, dtype=torch.int32)
     real = mask.bool()
@@ -56,7 +57,8 @@ def step_constants(input_ids, attention_mask, m, memory_dtype, lr, write_head, m
     return StepConstants(input_ids=input_ids, targets=targets, row_weights=row_weights, full_lengths=lengths + m,
                          m=m, memory_dtype=memory_dtype, write_head=write_head, memory_proj=memory_proj,
                          clip_value=clip_value, clip_norm=clip_norm,
-                         lr=torch.full((), lr, dtype=torch.float32, device=input_ids.device))
+                         lr=torch.full((), lr, dtype=torch.float32, device=input_ids.device),
+                         head_backend=head_backend)
 
 
 @dataclass
@@ -129,7 +131,9 @@ def step_loss_and_gradient(model, consts, memory, with_gradient=True):
     d = y.shape[-1]
     hidden = y[:, m - 1:m - 1 + T].reshape(B * T, d)  # row m-1+i predicts token i
     head = spec.lm_head.weight if consts.write_head is None else consts.write_head
-    loss_rows, grad_rows = fused_head_loss_reference(hidden, head.to(y.dtype), consts.targets, consts.row_weights)
+    # the head's backward streams over vocabulary blocks: no (rows x V) logits are kept for the second order
+    loss_rows, grad_rows = head_loss_op(hidden, head.to(y.dtype), consts.targets, consts.row_weights,
+                                        backend=consts.head_backend, validate=False)
     loss = (loss_rows.to(torch.float32) * consts.row_weights).view(B, T).sum(dim=1)
     if not with_gradient:
         return loss, None
