@@ -13,8 +13,9 @@ import triton.language as tl
 
 from .._triton import interpreter_on
 from .attention_common import (
-    DEFAULT_SHAPES, DKDV_SHAPES, DQ_SHAPES, FWD_SHAPES, LN2, LOG2E, LOG2E_FLOAT, block_d, configs, default_shape,
-    dkdv_loop, launch, online_softmax_step, pick, precision, seq_len_of, strides3, tile_prune,
+    DEFAULT_SHAPES, DKDV_SHAPES, DKDV_SHAPES_256, DQ_SHAPES, DQ_SHAPES_256, FWD_SHAPES, FWD_SHAPES_256, LN2, LOG2E,
+    LOG2E_FLOAT, autotuned, block_d, default_shape, dkdv_loop, launch, online_softmax_step, pick, precision,
+    seq_len_of, strides3,
 )
 
 
@@ -236,13 +237,9 @@ def _bwd_dq_kernel(
 
 
 _KEY = ["BLOCK_D", "GROUP", "HAS_LENGTHS"]
-_fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"],
-                             prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["fwd"])})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY,
-                              prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["dkdv"])}
-                              )(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY + ["DELTA_FROM_O"],
-                            prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["dq"])})(_bwd_dq_kernel)
+_fwd_tuned = autotuned(_fwd_kernel, _KEY + ["STATE_OUT"], DEFAULT_SHAPES["fwd"], FWD_SHAPES, FWD_SHAPES_256)
+_dkdv_tuned = autotuned(_bwd_dkdv_kernel, _KEY, DEFAULT_SHAPES["dkdv"], DKDV_SHAPES, DKDV_SHAPES_256)
+_dq_tuned = autotuned(_bwd_dq_kernel, _KEY + ["DELTA_FROM_O"], DEFAULT_SHAPES["dq"], DQ_SHAPES, DQ_SHAPES_256)
 
 # ---------------------------------------------------------------- launchers
 

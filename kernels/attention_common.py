@@ -22,7 +22,7 @@ LOG2E = tl.constexpr(LOG2E_FLOAT)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_GRID_Y = 65535
 # the largest head dim the default tables hold a tile for (gradmem_fast/ops/attention.py refuses more)
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 256
 # the kernels address one sample of one tensor with 32-bit offsets
 MAX_SAMPLE_SPAN = 2 ** 31
 
@@ -31,23 +31,34 @@ MAX_SAMPLE_SPAN = 2 ** 31
 FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
 DKDV_SHAPES = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2)]
 DQ_SHAPES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+# The candidates at BLOCK_D = 256 (Gemma 3), the first one the 16-bit default: most of the lists above
+# spill registers there or exceed sm_90's shared memory; each of these compiles for sm_90 without
+# spills in fp16 and bf16 (`scripts/compile_kernels.py --head-dims 256`), as do the fp32 tiles that
+# `tile_prune` takes from them. The dK/dV kernel holds fp32 dK, dV and its K, V tiles in registers
+# across its loop: its larger tiles spill with a second stage.
+FWD_SHAPES_256 = [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 4)]
+DKDV_SHAPES_256 = [(32, 64, 8, 1), (16, 64, 8, 1), (32, 32, 8, 1), (16, 32, 8, 2), (16, 32, 8, 1)]
+DQ_SHAPES_256 = [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
 
 # The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): large tiles
 # without register spills on sm_90 (`scripts/compile_kernels.py --autotune 0` lists them). IEEE fp32
 # dots run on the FMA units with both operands in registers, so fp32 takes much smaller tiles, fewer
-# stages at D = 128, and autotunes only over its default and smaller tiles (`tile_prune`).
+# stages at D = 128, 16 x 16 tiles for dQ and dK/dV at D = 256, and autotunes only over its default
+# and smaller tiles (`tile_prune`).
 _BF = (128, 64, 8, 3)
 DEFAULT_SHAPES = {
     "fwd": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): _BF,
+            (False, 256): FWD_SHAPES_256[0],
             (True, 16): (64, 32, 8, 2), (True, 32): (64, 32, 8, 2), (True, 64): (64, 32, 8, 2),
-            (True, 128): (32, 16, 8, 2)},
+            (True, 128): (32, 16, 8, 2), (True, 256): (32, 16, 8, 2)},
     "dkdv": {(False, 16): (32, 128, 8, 3), (False, 32): (32, 128, 8, 3), (False, 64): (32, 128, 8, 3),
-             (False, 128): (32, 64, 8, 2),
+             (False, 128): (32, 64, 8, 2), (False, 256): DKDV_SHAPES_256[0],
              (True, 16): (16, 32, 4, 2), (True, 32): (16, 32, 4, 2), (True, 64): (16, 32, 8, 2),
-             (True, 128): (16, 32, 8, 1)},
+             (True, 128): (16, 32, 8, 1), (True, 256): (16, 16, 8, 1)},
     "dq": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): (64, 64, 4, 3),
+           (False, 256): DQ_SHAPES_256[0],
            (True, 16): (64, 32, 8, 2), (True, 32): (64, 32, 8, 2), (True, 64): (64, 32, 8, 2),
-           (True, 128): (32, 16, 4, 2)},
+           (True, 128): (32, 16, 4, 2), (True, 256): (16, 16, 4, 2)},
 }
 
 
@@ -73,25 +84,33 @@ def default_shape(table, dtype, D):
 precision = dot_precision
 
 
-def tile_prune(table):
+def tile_prune(table, shapes, shapes_256):
     """Autotuner `early_config_prune` by the inputs' dtype and head dim: the default of `table` for
-    (fp32, BLOCK_D) first, then for fp32 only the smaller tiles (the 16-bit candidates spill registers
-    on the FMA path, take minutes to compile, and some exceed shared memory at D = 128), for 16-bit
-    inputs the other candidates (the autotuner skips one that exceeds shared memory when it times it)."""
+    (fp32, BLOCK_D) first, then the candidates listed for that head dim (`shapes_256` at BLOCK_D = 256,
+    else `shapes`): for fp32 only the smaller tiles (the 16-bit candidates spill registers on the FMA
+    path, take minutes to compile, and some exceed shared memory at D = 128), for 16-bit inputs the
+    others (the autotuner skips one that exceeds shared memory when it times it)."""
+    def shape(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
     def prune(configs, nargs, **kwargs):
         fp32 = next(v.dtype for v in nargs.values() if isinstance(v, torch.Tensor)) == torch.float32
         bm, bn, w, st = table[(fp32, kwargs["BLOCK_D"])]
         default = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-
-        def shape(c):
-            return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-
+        listed = set(shapes_256 if kwargs["BLOCK_D"] == 256 else shapes)
         if fp32:
-            rest = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn]
+            rest = [c for c in configs if shape(c) in listed and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn]
         else:
-            rest = [c for c in configs if shape(c) != (bm, bn, w, st)]
+            rest = [c for c in configs if shape(c) in listed and shape(c) != (bm, bn, w, st)]
         return [default] + rest
     return prune
+
+
+def autotuned(kernel, key, table, shapes, shapes_256):
+    """`kernel` under triton.autotune over `shapes` and `shapes_256`, pruned by `tile_prune`."""
+    every = shapes + [s for s in shapes_256 if s not in shapes]
+    return triton.autotune(configs(every), key=key,
+                           prune_configs_by={"early_config_prune": tile_prune(table, shapes, shapes_256)})(kernel)
 
 
 def block_d(D):
