@@ -7,115 +7,16 @@ Offsets within one sample are 32-bit (the launchers check that each sample spans
 the batch offset is 64-bit. Grids are (blocks along S, B * heads); the launchers split the batch
 so that the second dimension stays within CUDA's 65535.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .._triton import interpreter_on
-from .device import on_device
-from .precision import dot_precision
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-MAX_GRID_Y = 65535
-# the kernels address one sample of one tensor with 32-bit offsets
-MAX_SAMPLE_SPAN = 2 ** 31
-
-# Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the 16-bit default at
-# D <= 64; BLOCK_N of the dK/dV kernel is a multiple of its BLOCK_M.
-FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-DKDV_SHAPES = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2)]
-DQ_SHAPES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
-
-# The one config GRADMEM_FAST_AUTOTUNE=0 launches, per kernel and (fp32 inputs, BLOCK_D): large tiles
-# without register spills on sm_90 (`scripts/compile_kernels.py --autotune 0` lists them). IEEE fp32
-# dots run on the FMA units with both operands in registers, so fp32 takes much smaller tiles, fewer
-# stages at D = 128, and autotunes only over its default and smaller tiles (`tile_prune`).
-_BF = (128, 64, 8, 3)
-DEFAULT_SHAPES = {
-    "fwd": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): _BF,
-            (True, 16): (64, 32, 8, 2), (True, 32): (64, 32, 8, 2), (True, 64): (64, 32, 8, 2),
-            (True, 128): (32, 16, 8, 2)},
-    "dkdv": {(False, 16): (32, 128, 8, 3), (False, 32): (32, 128, 8, 3), (False, 64): (32, 128, 8, 3),
-             (False, 128): (32, 64, 8, 2),
-             (True, 16): (16, 32, 4, 2), (True, 32): (16, 32, 4, 2), (True, 64): (16, 32, 8, 2),
-             (True, 128): (16, 32, 8, 1)},
-    "dq": {(False, 16): _BF, (False, 32): _BF, (False, 64): _BF, (False, 128): (64, 64, 4, 3),
-           (True, 16): (64, 32, 8, 2), (True, 32): (64, 32, 8, 2), (True, 64): (64, 32, 8, 2),
-           (True, 128): (32, 16, 4, 2)},
-}
-
-
-def autotune_on():
-    return os.environ.get("GRADMEM_FAST_AUTOTUNE", "1") != "0"
-
-
-def configs(shapes):
-    """Autotuning candidates: under the interpreter one tiny config, else every shape whatever
-    GRADMEM_FAST_AUTOTUNE says (with it 0 the launchers bypass the autotuner with `default_shape`).
-    Triton runs a one-config autotuner without pruning, so a list collapsed at import would launch
-    its one tile on every dtype and head dim once the switch is turned on."""
-    if interpreter_on():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
-
-
-def default_shape(table, dtype, D):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that GRADMEM_FAST_AUTOTUNE=0 uses for this dtype and D."""
-    return table[(dtype == torch.float32, block_d(D))]
-
-
-precision = dot_precision
-
-
-def tile_prune(table):
-    """Autotuner `early_config_prune` by the inputs' dtype and head dim: the default of `table` for
-    (fp32, BLOCK_D) first, then for fp32 only the smaller tiles (the 16-bit candidates spill registers
-    on the FMA path, take minutes to compile, and some exceed shared memory at D = 128), for 16-bit
-    inputs the other candidates (the autotuner skips one that exceeds shared memory when it times it)."""
-    def prune(configs, nargs, **kwargs):
-        fp32 = next(v.dtype for v in nargs.values() if isinstance(v, torch.Tensor)) == torch.float32
-        bm, bn, w, st = table[(fp32, kwargs["BLOCK_D"])]
-        default = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-
-        def shape(c):
-            return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-
-        if fp32:
-            rest = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < bm * bn]
-        else:
-            rest = [c for c in configs if shape(c) != (bm, bn, w, st)]
-        return [default] + rest
-    return prune
-
-
-def block_d(D):
-    return max(16, triton.next_power_of_2(D))
-
-
-@triton.jit
-def seq_len_of(LENGTHS, i_b, len_offset, S, HAS_LENGTHS: tl.constexpr):
-    """Valid rows of sample i_b: lengths[i_b] + len_offset clamped to [0, S] (S without lengths)."""
-    if HAS_LENGTHS:
-        n = tl.load(LENGTHS + i_b) + len_offset
-        n = tl.minimum(tl.maximum(n, 0), S)
-    else:
-        n = i_b * 0 + S
-    return n
-
-
-@triton.jit
-def online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
-    """Folds one key block (scores b_s (BM, BN), base 2, masked to -inf) into the running max b_m,
-    sum b_l and un-normalised accumulator b_acc (BM, BD)."""
-    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-    b_alpha = tl.exp2(b_m - b_m_new)
-    b_p = tl.exp2(b_s - b_m_new[:, None])
-    b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-    return b_m_new, b_l, b_acc
+from .attention_common import (
+    DEFAULT_SHAPES, DKDV_SHAPES, DKDV_SHAPES_256, DQ_SHAPES, DQ_SHAPES_256, FWD_SHAPES, FWD_SHAPES_256, LN2, LOG2E,
+    LOG2E_FLOAT, autotuned, block_d, default_shape, dkdv_loop, launch, online_softmax_step, pick, precision,
+    seq_len_of, strides3,
+)
 
 
 @triton.jit
@@ -206,34 +107,6 @@ def _bwd_preprocess_kernel(
                    mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + i_bh.to(tl.int64) * S + offs_m, tl.sum(b_o * b_do, 1), mask=offs_m < S)
 
-
-@triton.jit
-def dkdv_loop(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qs, stride_dos, stride_ls,
-              offs_n, lo, hi, n_rows, qk_scale,
-              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Adds to b_dk, b_dv (BN, BD) fp32 the contributions of query rows [lo, hi) (rows >= n_rows are
-    padding: loaded as zeros, with delta 0 they contribute nothing). CAUSAL masks key > row."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < n_rows
-        b_q = tl.load(p_q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :],
-                      other=0.0)
-        b_do = tl.load(p_do + offs_m[:, None] * stride_dos + offs_d[None, :],
-                       mask=row_ok[:, None] & mask_d[None, :], other=0.0)
-        b_lse = tl.load(p_lse + offs_m * stride_ls, mask=row_ok, other=0.0) * LOG2E
-        b_delta = tl.load(p_delta + offs_m, mask=row_ok, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_p = tl.exp2(b_s - b_lse[:, None])
-        if CAUSAL:
-            b_p = tl.where(offs_m[:, None] >= offs_n[None, :], b_p, 0.0)
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
-    return b_dk, b_dv
 
 
 @triton.jit
@@ -364,58 +237,11 @@ def _bwd_dq_kernel(
 
 
 _KEY = ["BLOCK_D", "GROUP", "HAS_LENGTHS"]
-_fwd_tuned = triton.autotune(configs(FWD_SHAPES), key=_KEY + ["STATE_OUT"],
-                             prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["fwd"])})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(configs(DKDV_SHAPES), key=_KEY,
-                              prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["dkdv"])}
-                              )(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs(DQ_SHAPES), key=_KEY + ["DELTA_FROM_O"],
-                            prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["dq"])})(_bwd_dq_kernel)
+_fwd_tuned = autotuned(_fwd_kernel, _KEY + ["STATE_OUT"], DEFAULT_SHAPES["fwd"], FWD_SHAPES, FWD_SHAPES_256)
+_dkdv_tuned = autotuned(_bwd_dkdv_kernel, _KEY, DEFAULT_SHAPES["dkdv"], DKDV_SHAPES, DKDV_SHAPES_256)
+_dq_tuned = autotuned(_bwd_dq_kernel, _KEY + ["DELTA_FROM_O"], DEFAULT_SHAPES["dq"], DQ_SHAPES, DQ_SHAPES_256)
 
 # ---------------------------------------------------------------- launchers
-
-
-def strides3(t):
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def pick(tuned, raw, blocks, default):
-    """The kernel and its launch options: fixed (BLOCK_M, BLOCK_N) when `blocks` is given, else the
-    autotuner, or with GRADMEM_FAST_AUTOTUNE=0 (interpreter off) the raw kernel with `default`
-    (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    if blocks is not None:
-        return raw, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4,
-                     "num_stages": 1 if interpreter_on() else 2}
-    if interpreter_on() or autotune_on():
-        return tuned, {}
-    bm, bn, w, st = default
-    return raw, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-
-
-def sample_span(t):
-    """Elements one sample (index along dim 0) of t spans."""
-    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
-
-
-def batch_ranges(B, heads):
-    """[b0, b1) pieces of the batch whose grids (., (b1 - b0) * heads) fit CUDA's y limit."""
-    if heads > MAX_GRID_Y:
-        raise ValueError(f"{heads} heads: the grid's second dimension is limited to {MAX_GRID_Y}")
-    step = MAX_GRID_Y // heads
-    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
-
-
-def launch(kernel, grid, B, heads, args, kwargs):
-    """kernel[grid(nb)](*args) over pieces of the batch; every tensor in args is (B, ...) and is
-    addressed per sample with 32-bit offsets."""
-    for a in args:
-        if isinstance(a, torch.Tensor) and sample_span(a) >= MAX_SAMPLE_SPAN:
-            raise ValueError(f"a {tuple(a.shape)} tensor with strides {a.stride()} spans {sample_span(a)} elements "
-                             f"per sample; the attention kernels address a sample with 32-bit offsets")
-    with on_device(args[0]):
-        for b0, b1 in batch_ranges(B, heads):
-            part = args if (b0, b1) == (0, B) else [a[b0:b1] if isinstance(a, torch.Tensor) else a for a in args]
-            kernel[grid(b1 - b0)](*part, **kwargs)
 
 
 def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_out=False, blocks=None):
@@ -429,7 +255,7 @@ def launch_forward(q, k, v, o, lse, lsum, lengths, len_offset, scale, *, state_o
     launch(kernel, grid, B, Hq, [
         q, k, v, o, lse, lsum if lsum is not None else lse, lengths if lengths is not None else lse,
         *strides3(q), *strides3(k), *strides3(v), *strides3(o), *strides3(lse),
-        S, Hq, len_offset, scale * 1.4426950408889634], dict(
+        S, Hq, len_offset, scale * LOG2E_FLOAT], dict(
         GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
         STATE_OUT=state_out, PRECISION=precision(q.dtype), **extra))
 
@@ -458,7 +284,7 @@ def launch_dq(q, k, v, do, lse, delta, dq, lengths, len_offset, scale, *, o=None
     launch(kernel, grid, B, Hq, [
         q, k, v, do, o if o is not None else do, lse, delta, dq, lengths if lengths is not None else delta,
         *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(o if o is not None else do),
-        *strides3(lse), *strides3(dq), delta.stride(1), S, Hq, len_offset, scale * 1.4426950408889634, scale],
+        *strides3(lse), *strides3(dq), delta.stride(1), S, Hq, len_offset, scale * LOG2E_FLOAT, scale],
         dict(GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=lengths is not None,
              DELTA_FROM_O=o is not None, PRECISION=precision(q.dtype), **extra))
 
@@ -473,7 +299,7 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, lengths, scale, *, blocks=None)
     launch(kernel, grid, B, Hkv, [
         q, k, v, do, lse, delta, dk, dv, lengths,
         *strides3(q), *strides3(k), *strides3(v), *strides3(do), *strides3(lse), *strides3(dk), *strides3(dv),
-        S, Hkv, 0, scale * 1.4426950408889634, scale], dict(
+        S, Hkv, 0, scale * LOG2E_FLOAT, scale], dict(
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), HAS_LENGTHS=True, PRECISION=precision(q.dtype), **extra))
 
 

@@ -10,9 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (
-    LN2, LOG2E, block_d, configs, default_shape, dkdv_loop, launch, launch_dq, launch_forward,
-    launch_preprocess, online_softmax_step, pick, precision, strides3, tile_prune,
+from .attention import launch_dq, launch_forward, launch_preprocess
+from .attention_common import (
+    LN2, LOG2E, LOG2E_FLOAT, autotuned, block_d, default_shape, dkdv_loop, launch, online_softmax_step, pick,
+    precision, strides3,
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the 16-bit default. BLOCK_N runs over the m
@@ -20,16 +21,19 @@ from .attention import (
 CTX_SHAPES = [(64, 16, 4, 2), (128, 16, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
 MEM_DKDV_SHAPES = [(64, 16, 4, 2), (128, 16, 8, 2), (32, 16, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2),
                    (32, 64, 4, 3)]
-# see attention.DEFAULT_SHAPES
+# at BLOCK_D = 256, the first one the 16-bit default (see attention_common.FWD_SHAPES_256)
+CTX_SHAPES_256 = [(64, 16, 8, 2), (64, 32, 8, 2), (64, 16, 8, 3), (32, 16, 4, 2), (32, 32, 8, 2)]
+MEM_DKDV_SHAPES_256 = [(32, 16, 8, 2), (32, 16, 8, 1), (16, 16, 8, 1)]
+# see attention_common.DEFAULT_SHAPES
 DEFAULT_SHAPES = {
     "ctx": {(False, 16): (64, 16, 4, 2), (False, 32): (64, 16, 4, 2), (False, 64): (64, 16, 4, 2),
-            (False, 128): (64, 16, 4, 2),
+            (False, 128): (64, 16, 4, 2), (False, 256): CTX_SHAPES_256[0],
             (True, 16): (64, 16, 4, 2), (True, 32): (64, 16, 4, 2), (True, 64): (64, 16, 8, 2),
-            (True, 128): (64, 16, 8, 2)},
+            (True, 128): (64, 16, 8, 2), (True, 256): (64, 16, 8, 2)},
     "mem_dkdv": {(False, 16): (64, 16, 4, 2), (False, 32): (64, 16, 4, 2), (False, 64): (64, 16, 4, 2),
-                 (False, 128): (64, 16, 8, 2),
+                 (False, 128): (64, 16, 8, 2), (False, 256): MEM_DKDV_SHAPES_256[0],
                  (True, 16): (32, 16, 4, 2), (True, 32): (32, 16, 4, 2), (True, 64): (32, 16, 8, 1),
-                 (True, 128): (32, 16, 8, 1)},
+                 (True, 128): (32, 16, 8, 1), (True, 256): (32, 16, 8, 1)},
 }
 
 
@@ -138,12 +142,8 @@ def _mem_dkdv_kernel(
 
 
 _KEY = ["BLOCK_D", "GROUP"]
-_ctx_fwd_tuned = triton.autotune(configs(CTX_SHAPES), key=_KEY,
-                                 prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["ctx"])}
-                                 )(_ctx_fwd_kernel)
-_mem_dkdv_tuned = triton.autotune(configs(MEM_DKDV_SHAPES), key=_KEY,
-                                  prune_configs_by={"early_config_prune": tile_prune(DEFAULT_SHAPES["mem_dkdv"])}
-                                  )(_mem_dkdv_kernel)
+_ctx_fwd_tuned = autotuned(_ctx_fwd_kernel, _KEY, DEFAULT_SHAPES["ctx"], CTX_SHAPES, CTX_SHAPES_256)
+_mem_dkdv_tuned = autotuned(_mem_dkdv_kernel, _KEY, DEFAULT_SHAPES["mem_dkdv"], MEM_DKDV_SHAPES, MEM_DKDV_SHAPES_256)
 
 
 def memory_attention_forward(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, scale, *, out=None, blocks=None):
@@ -164,7 +164,7 @@ def memory_attention_forward(q_mem, k_mem, v_mem, q_ctx, state, ctx_lengths, sca
     launch(kernel, grid, B, Hq, [
         q_ctx, k_mem, v_mem, acc, row_max, row_sum, o_ctx, lse_ctx, ctx_lengths,
         *strides3(q_ctx), *strides3(k_mem), *strides3(v_mem), *strides3(acc), *strides3(row_max),
-        *strides3(o_ctx), *strides3(lse_ctx), T, m, Hq, scale * 1.4426950408889634], dict(
+        *strides3(o_ctx), *strides3(lse_ctx), T, m, Hq, scale * LOG2E_FLOAT], dict(
         GROUP=Hq // k_mem.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=precision(q_mem.dtype), **extra))
     return o, lse
 
@@ -190,6 +190,6 @@ def memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, ctx_length
     launch(kernel, grid, B, Hkv, [
         q_mem, q_ctx, k_mem, v_mem, do, lse, delta, dk, dv, ctx_lengths,
         *strides3(q_mem), *strides3(q_ctx), *strides3(k_mem), *strides3(v_mem), *strides3(do), *strides3(lse),
-        *strides3(dk), *strides3(dv), m, T, Hkv, scale * 1.4426950408889634, scale], dict(
+        *strides3(dk), *strides3(dv), m, T, Hkv, scale * LOG2E_FLOAT, scale], dict(
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=precision(q_mem.dtype), **extra))
     return dq, dk, dv

@@ -9,7 +9,7 @@ the card's shared memory (the autotuner skips such a config at launch) and "SPIL
 registers, then lists the spilling ones; exits 1 if any compile fails. `--autotune 0` compiles only
 what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim).
 
-    python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128] [-j 2]
+    python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128,256] [-j 2]
                                       [--autotune 0]
                                       [--ops attention,head_loss,head_loss_double_backward,qk_norm,geglu]
 """
@@ -205,7 +205,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
-    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--head-dims", default="64,128,256")  # 256: Gemma 3
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     # sm_90's shared memory per block; an autotuning config above it is skipped at launch
     ap.add_argument("--smem-limit", type=int, default=232448)

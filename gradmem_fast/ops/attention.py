@@ -241,9 +241,11 @@ def kernel_reason(*tensors):
             return f"dtype {t.dtype} (the kernels take float32, float16, bfloat16)"
         if t.dim() == 4 and t.shape[-1] > 1 and t.stride(-1) != 1:
             return f"head dim not contiguous (stride {t.stride(-1)})"
+    from ..kernels.attention_common import MAX_HEAD_DIM  # triton is importable here
+
     D = tensors[0].shape[-1]
-    if D > 128 or D % 16 != 0:
-        return f"head dim {D} (the kernels take multiples of 16 up to 128)"
+    if D > MAX_HEAD_DIM or D % 16 != 0:
+        return f"head dim {D} (the kernels take multiples of 16 up to {MAX_HEAD_DIM})"
     return None
 
 

@@ -24,6 +24,9 @@ WIDE = {  # head dim 16 so the attention kernels take the call
     "phi3": dict(hidden_size=64, intermediate_size=96),
     "gemma3_text": dict(hidden_size=64, intermediate_size=96, head_dim=16),
 }
+# Gemma 3's released head dim, the widest the attention kernels take, at 2 query heads and 1 kv head
+GEMMA3_HEAD_DIM_256 = dict(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=256)
 
 
 @functools.lru_cache(maxsize=None)

@@ -67,10 +67,12 @@ CASES = [  # B, S, Hq, Hkv, D, lengths
     (2, 1, 4, 2, 32, [1, 1]),
     (3, 37, 4, 2, 32, [37, 1, 20]),
     (2, 100, 4, 1, 64, [100, 57]),
+    (2, 21, 2, 1, 256, [21, 9]),  # the largest head dim (Gemma 3)
 ]
 FP16_CASES = [
     (3, 37, 4, 2, 64, [37, 1, 29]),
     (2, 100, 4, 1, 32, [63, 100]),
+    (2, 21, 2, 1, 256, [12, 21]),
 ]
 
 
@@ -244,10 +246,10 @@ def test_backward_launches_dq_then_dkdv_and_nothing_else():
 def test_dq_kernel_writes_delta(monkeypatch, dtype, tol, split):
     """delta (B, Hq, S) from the dQ kernel against float64 rowsum(dO * O), exactly 0 on padded rows; with
     `split` the batch runs in pieces (grid limit lowered to 5: one sample of 4 heads per launch)."""
-    from gradmem_fast.kernels import attention as K
+    from gradmem_fast.kernels import attention as K, attention_common
 
     if split:
-        monkeypatch.setattr(K, "MAX_GRID_Y", 5)
+        monkeypatch.setattr(attention_common, "MAX_GRID_Y", 5)
     B, S, Hq, Hkv, D = 3, 37, 4, 2, 48
     lengths = [37, 0, 18]
     q, k, v = make_qkv(B, S, Hq, Hkv, D, dtype, seed=17)
@@ -305,6 +307,17 @@ def _gpu_plain(q, k, v, lens, do):
 @pytest.mark.parametrize("dtype, factor", [(torch.bfloat16, 2.0), (torch.float16, 2.0)])
 @pytest.mark.parametrize("Hq, Hkv, D", [(8, 2, 64), (4, 4, 128), (4, 1, 32)])
 def test_gpu_16bit_within_factor_of_plain_torch(dtype, factor, Hq, Hkv, D):
+    check_gpu_16bit(dtype, factor, Hq, Hkv, D)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_head_dim_256(monkeypatch):
+    """Gemma 3's head dim on the default tiles (GRADMEM_FAST_AUTOTUNE=0: one compile per kernel)."""
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "0")
+    check_gpu_16bit(torch.bfloat16, 2.0, 8, 4, 256)
+
+
+def check_gpu_16bit(dtype, factor, Hq, Hkv, D):
     q, k, v, lens, do = _gpu_case(dtype, Hq=Hq, Hkv=Hkv, D=D)
     o, lse = A.attention_forward(q, k, v, lens, SCALE, backend="kernel")
     grads = A.attention_backward(do, q, k, v, o, lse, lens, SCALE, backend="kernel")

@@ -54,6 +54,7 @@ CASES = [  # B, m, T, Hq, Hkv, D, ctx_lengths
     (2, 1, 36, 4, 1, 64, [36, 17]),
     (2, 32, 20, 4, 2, 32, [5, 20]),
     (2, 17, 83, 4, 4, 32, [83, 40]),
+    (2, 5, 18, 2, 1, 256, [18, 7]),  # the largest head dim (Gemma 3)
 ]
 
 
@@ -94,8 +95,9 @@ def test_context_state_kernel_against_float64(B, m, T, Hq, Hkv, D, ctx_lengths):
 
 
 @pytest.mark.parametrize("dtype, factor", [(torch.float16, 2.0)])
-def test_layer0_kernel_fp16(dtype, factor):
-    B, m, T, Hq, Hkv, D, ctx_lengths = 2, 16, 45, 4, 2, 64, [45, 1]
+@pytest.mark.parametrize("B, m, T, Hq, Hkv, D, ctx_lengths", [(2, 16, 45, 4, 2, 64, [45, 1]),
+                                                            (2, 5, 18, 2, 1, 256, [7, 18])])
+def test_layer0_kernel_fp16(B, m, T, Hq, Hkv, D, ctx_lengths, dtype, factor):
     q, k, v = make_qkv(B, m + T, Hq, Hkv, D, dtype, seed=21)
     lc = torch.tensor(ctx_lengths, dtype=torch.int32)
     do = torch.randn(B, m + T, Hq, D, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -177,6 +179,17 @@ def test_memory_backward_and_state_validation():
 @pytest.mark.parametrize("dtype, factor", [(torch.bfloat16, 2.0), (torch.float16, 2.0)])
 @pytest.mark.parametrize("m, Hq, Hkv, D", [(16, 12, 12, 64), (8, 32, 8, 64), (32, 4, 4, 128)])
 def test_gpu_layer0_within_factor_of_plain_torch(dtype, factor, m, Hq, Hkv, D):
+    check_gpu_layer0(dtype, factor, m, Hq, Hkv, D)
+
+
+@pytest.mark.gpu
+def test_gpu_layer0_bf16_head_dim_256(monkeypatch):
+    """Gemma 3's head dim on the default tiles (GRADMEM_FAST_AUTOTUNE=0: one compile per kernel)."""
+    monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "0")
+    check_gpu_layer0(torch.bfloat16, 2.0, 16, 8, 4, 256)
+
+
+def check_gpu_layer0(dtype, factor, m, Hq, Hkv, D):
     B, T = 2, 1008
     q, k, v = make_qkv(B, m + T, Hq, Hkv, D, dtype, device="cuda", seed=5)
     lc = torch.tensor([T, 333], dtype=torch.int32, device="cuda")

@@ -92,13 +92,14 @@ def run_head_loss(N, d, V, dtype, method):
               meta(N, dtype=torch.float32), meta(N, dtype=torch.float32), meta(N, d, dtype=dtype), method=method)
 
 
-# (B, S, Hq, Hkv, D, dtype): gpt2-batch, llama1b-batch, kv-paper, the largest head dim, and a batch
-# whose B * Hq passes the grid's 65535 (the launchers split it)
+# (B, S, Hq, Hkv, D, dtype): gpt2-batch, llama1b-batch, kv-paper, head dim 128, the largest head dim
+# (Gemma 3's 256), and a batch whose B * Hq passes the grid's 65535 (the launchers split it)
 ATTENTION_SHAPES = [
     (16, 1024, 12, 12, 64, torch.bfloat16),
     (8, 2064, 32, 8, 64, torch.bfloat16),
     (64, 905, 4, 4, 32, torch.float32),
     (8, 2064, 32, 8, 128, torch.float16),
+    (4, 2064, 8, 4, 256, torch.bfloat16),
     (4100, 144, 32, 8, 64, torch.bfloat16),
 ]
 # (N, d, V): gpt2-batch, llama1b-batch, the documented limits V 256k, d 4096
@@ -155,6 +156,29 @@ def test_attention_sample_span_beyond_32_bits_is_refused(launches):
     A.attention_forward(q[:, : 2 ** 21 - 1], q[:, : 2 ** 21 - 1], q[:, : 2 ** 21 - 1], meta(1, dtype=torch.int32),
                         0.125)
     assert launches
+
+
+@pytest.mark.parametrize("D, why", [(16, None), (48, None), (128, None), (256, None),
+                                    (24, "head dim 24"), (272, "head dim 272"), (512, "head dim 512")])
+def test_attention_kernels_take_head_dims_up_to_256(D, why):
+    """Multiples of 16 up to 256 (Gemma 3's head dim) take the kernels; wider or unaligned heads are
+    refused with the head dim and the limit in the reason, and the launchers refuse them too."""
+    from gradmem_fast.kernels import attention_common as C
+    from gradmem_fast.ops import attention as ops
+
+    q = torch.empty(1, 4, 2, D)  # CPU under the interpreter: only the head dim decides
+    reason = ops.kernel_reason(q, q[:, :, :1], q[:, :, 1:])
+    if why is None:
+        assert reason is None
+        assert C.block_d(D) in {bd for _, bd in C.DEFAULT_SHAPES["fwd"]}
+    else:
+        assert why in reason and "multiples of 16 up to 256" in reason
+        with pytest.raises(RuntimeError, match=why):
+            ops.attention_forward(q, q[:, :, :1], q[:, :, 1:], torch.full((1,), 4, dtype=torch.int32), 0.125,
+                                  backend="kernel")
+    if D > 256:
+        with pytest.raises(ValueError, match=f"head dim {D}"):
+            C.block_d(D)
 
 
 def _source(name):
@@ -215,21 +239,21 @@ def test_fp32_dot_precision_legacy_switch(launches):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
 def test_autotune_off_launches_the_per_dtype_default(launches, monkeypatch, dtype, D):
-    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+    from gradmem_fast.kernels import attention_common as C, attention_layer0 as L0
 
     monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "0")
     run_attention(2, 272, 8, 2, D, dtype)
-    tables = {"_fwd_kernel": A.DEFAULT_SHAPES["fwd"], "_bwd_dkdv_kernel": A.DEFAULT_SHAPES["dkdv"],
-              "_bwd_dq_kernel": A.DEFAULT_SHAPES["dq"], "_ctx_fwd_kernel": L0.DEFAULT_SHAPES["ctx"],
+    tables = {"_fwd_kernel": C.DEFAULT_SHAPES["fwd"], "_bwd_dkdv_kernel": C.DEFAULT_SHAPES["dkdv"],
+              "_bwd_dq_kernel": C.DEFAULT_SHAPES["dq"], "_ctx_fwd_kernel": L0.DEFAULT_SHAPES["ctx"],
               "_mem_dkdv_kernel": L0.DEFAULT_SHAPES["mem_dkdv"]}
     seen = set()
     for launch in launches:
         if launch.name not in tables:
             continue
         seen.add(launch.name)
-        bm, bn, warps, stages = tables[launch.name][(dtype == torch.float32, A.block_d(D))]
+        bm, bn, warps, stages = tables[launch.name][(dtype == torch.float32, C.block_d(D))]
         kw = launch.kwargs
         assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == (bm, bn, warps, stages)
     assert seen == set(tables)
@@ -237,18 +261,21 @@ def test_autotune_off_launches_the_per_dtype_default(launches, monkeypatch, dtyp
 
 def test_default_shapes_are_valid_tiles():
     """Dots need every tile side >= 16; the dK/dV kernels step query rows by BLOCK_M inside a key block
-    of BLOCK_N, which must be a multiple of it. The 16-bit defaults at the standard head dim are not the
-    smallest tiles of the autotuning lists."""
-    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+    of BLOCK_N, which must be a multiple of it. Every head dim up to 256 has a default per dtype; the
+    16-bit default at BLOCK_D = 256 is the first of that head dim's candidates. The 16-bit defaults at
+    the standard head dim are not the smallest tiles of the autotuning lists."""
+    from gradmem_fast.kernels import attention_common as C, attention_layer0 as L0
 
-    tables = {**A.DEFAULT_SHAPES, **L0.DEFAULT_SHAPES}
+    tables = {**C.DEFAULT_SHAPES, **L0.DEFAULT_SHAPES}
     for kind, table in tables.items():
-        assert set(table) == {(fp32, bd) for fp32 in (False, True) for bd in (16, 32, 64, 128)}, kind
-        for (bm, bn, warps, stages) in table.values():
+        assert set(table) == {(fp32, bd) for fp32 in (False, True) for bd in (16, 32, 64, 128, 256)}, kind
+        for (bm, bn, warps, stages) in [*table.values(), *_tuned_tables()[kind][0], *_tuned_tables()[kind][1]]:
             assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1, kind
             if kind == "dkdv":
                 assert bn % bm == 0
-    for kind, shapes in (("fwd", A.FWD_SHAPES), ("dkdv", A.DKDV_SHAPES), ("dq", A.DQ_SHAPES),
+    for kind, (_, shapes_256, table) in _tuned_tables().items():
+        assert table[(False, 256)] == shapes_256[0], kind
+    for kind, shapes in (("fwd", C.FWD_SHAPES), ("dkdv", C.DKDV_SHAPES), ("dq", C.DQ_SHAPES),
                          ("mem_dkdv", L0.MEM_DKDV_SHAPES)):
         bm, bn, _, _ = tables[kind][(False, 64)]
         assert bm * bn > min(s[0] * s[1] for s in shapes), kind
@@ -312,11 +339,14 @@ def test_gpu_fp32_attention_precision(monkeypatch, autotune, D, fp32_precision, 
 
 
 def _tuned_tables():
-    from gradmem_fast.kernels import attention as A, attention_layer0 as L0
+    """{kind: (candidates, candidates at BLOCK_D = 256, default table)}"""
+    from gradmem_fast.kernels import attention_common as C, attention_layer0 as L0
 
-    return {"fwd": (A.FWD_SHAPES, A.DEFAULT_SHAPES["fwd"]), "dkdv": (A.DKDV_SHAPES, A.DEFAULT_SHAPES["dkdv"]),
-            "dq": (A.DQ_SHAPES, A.DEFAULT_SHAPES["dq"]), "ctx": (L0.CTX_SHAPES, L0.DEFAULT_SHAPES["ctx"]),
-            "mem_dkdv": (L0.MEM_DKDV_SHAPES, L0.DEFAULT_SHAPES["mem_dkdv"])}
+    return {"fwd": (C.FWD_SHAPES, C.FWD_SHAPES_256, C.DEFAULT_SHAPES["fwd"]),
+            "dkdv": (C.DKDV_SHAPES, C.DKDV_SHAPES_256, C.DEFAULT_SHAPES["dkdv"]),
+            "dq": (C.DQ_SHAPES, C.DQ_SHAPES_256, C.DEFAULT_SHAPES["dq"]),
+            "ctx": (L0.CTX_SHAPES, L0.CTX_SHAPES_256, L0.DEFAULT_SHAPES["ctx"]),
+            "mem_dkdv": (L0.MEM_DKDV_SHAPES, L0.MEM_DKDV_SHAPES_256, L0.DEFAULT_SHAPES["mem_dkdv"])}
 
 
 def _shape(c):
@@ -328,36 +358,40 @@ def test_autotuners_get_every_candidate_whatever_the_switch(monkeypatch, switch)
     """Triton runs a one-config autotuner without pruning it: a list collapsed to the 16-bit default
     when GRADMEM_FAST_AUTOTUNE=0 at import would launch that tile on fp32 at D = 128 once the switch
     is turned on (294,912 B of shared memory for the dQ kernel, over sm_90's 232,448)."""
-    from gradmem_fast.kernels import attention as A
+    from gradmem_fast.kernels import attention_common as C
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", switch)
-    for kind, (shapes, _) in _tuned_tables().items():
-        assert [_shape(c) for c in A.configs(shapes)] == list(shapes), kind
+    for kind, (shapes, shapes_256, _) in _tuned_tables().items():
+        assert [_shape(c) for c in C.configs(shapes + shapes_256)] == list(shapes + shapes_256), kind
 
 
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "ctx", "mem_dkdv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 256])
 def test_autotuning_is_pruned_by_dtype_and_head_dim(kind, dtype, D):
-    """The per-(dtype, head dim) default first; for fp32 only smaller tiles after it, for 16-bit every
-    other candidate. A list holding only another dtype's tile still gives the right default."""
+    """The per-(dtype, head dim) default first, then only candidates listed for that head dim (those for
+    BLOCK_D = 256 there, the others below): for fp32 the smaller tiles, for 16-bit every other candidate.
+    A list holding only another dtype's tile still gives the right default."""
     import triton
 
-    from gradmem_fast.kernels import attention as A
+    from gradmem_fast.kernels import attention_common as C
 
-    shapes, table = _tuned_tables()[kind]
-    candidates = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
-    prune = A.tile_prune(table)
+    shapes, shapes_256, table = _tuned_tables()[kind]
+    every = shapes + [s for s in shapes_256 if s not in shapes]  # the autotuner's list
+    candidates = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in every]
+    prune = C.tile_prune(table, shapes, shapes_256)
     default = table[(dtype == torch.float32, D)]
+    listed = shapes_256 if D == 256 else shapes
     nargs = {"Q": torch.empty(0, dtype=dtype), "LENGTHS": torch.empty(0, dtype=torch.int32)}
     first, *rest = [_shape(c) for c in prune(candidates, nargs, BLOCK_D=D)]
     assert first == default
     assert default not in rest and len(set(rest)) == len(rest)
     if dtype == torch.float32:
-        assert rest == [s for s in shapes if s[0] * s[1] < default[0] * default[1]]
+        assert rest == [s for s in every if s in listed and s[0] * s[1] < default[0] * default[1]]
     else:
-        assert rest == [s for s in shapes if s != default]
+        assert rest == [s for s in every if s in listed and s != default]
+        assert len(rest) == len(listed) - (default in listed) >= 2
     other = table[(dtype != torch.float32, D)]
     lone = [triton.Config({"BLOCK_M": other[0], "BLOCK_N": other[1]}, num_warps=other[2], num_stages=other[3])]
     pruned = [_shape(c) for c in prune(lone, nargs, BLOCK_D=D)]
@@ -366,10 +400,10 @@ def test_autotuning_is_pruned_by_dtype_and_head_dim(kind, dtype, D):
         assert all(s[0] * s[1] < default[0] * default[1] for s in pruned[1:])
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_fp32_launches_stay_within_the_fp32_default_with_autotuning_on(launches, monkeypatch, D):
     """With the switch on, every fp32 launch of a tuned kernel is the fp32 default or a smaller tile."""
-    from gradmem_fast.kernels import attention as A
+    from gradmem_fast.kernels import attention_common as C
 
     monkeypatch.setenv("GRADMEM_FAST_AUTOTUNE", "1")
     run_attention(2, 272, 8, 2, D, torch.float32)
@@ -380,7 +414,7 @@ def test_fp32_launches_stay_within_the_fp32_default_with_autotuning_on(launches,
     for launch in launches:
         if launch.name in names:
             seen.add(launch.name)
-            bm, bn, _, _ = tables[names[launch.name]][1][(True, A.block_d(D))]
+            bm, bn, _, _ = tables[names[launch.name]][2][(True, C.block_d(D))]
             assert launch.kwargs["BLOCK_M"] * launch.kwargs["BLOCK_N"] <= bm * bn, launch.name
     assert seen == set(names)
 
@@ -389,15 +423,15 @@ def test_fp32_launches_stay_within_the_fp32_default_with_autotuning_on(launches,
 def test_batch_split_matches_float64(monkeypatch, dtype, tol):
     """With the grid limit lowered so that a batch of 3 is launched in pieces (1 sample per launch at
     4 query heads, 2 at 2 kv heads), the full and layer-0 paths still match float64 autograd."""
-    from gradmem_fast.kernels import attention as K
+    from gradmem_fast.kernels import attention_common as C
     from gradmem_fast.ops import attention as ops
     from test_attention import SCALE, err, float64_truth, make_qkv
     from test_attention_layer0 import layer0_path
 
     pieces = []
-    batch_ranges = K.batch_ranges
-    monkeypatch.setattr(K, "MAX_GRID_Y", 5)
-    monkeypatch.setattr(K, "batch_ranges", lambda B, heads: pieces.append(batch_ranges(B, heads)) or pieces[-1])
+    batch_ranges = C.batch_ranges
+    monkeypatch.setattr(C, "MAX_GRID_Y", 5)
+    monkeypatch.setattr(C, "batch_ranges", lambda B, heads: pieces.append(batch_ranges(B, heads)) or pieces[-1])
     B, m, T, Hq, Hkv, D = 3, 8, 29, 4, 2, 32
     q, k, v = make_qkv(B, m + T, Hq, Hkv, D, dtype, seed=23)
     lc = torch.tensor([29, 1, 0], dtype=torch.int32)
