@@ -1,5 +1,5 @@
-"""Attention's backward as a differentiable op, with its double backward written out (the PyTorch twin of
-a flash-style double-backward kernel; derivation: attention_double_backward.md).
+"""Attention's backward as a differentiable op, with its double backward written out (derivation:
+attention_double_backward.md); Triton kernels in kernels/attention_double_backward.py, PyTorch twins here.
 
     dq, dk, dv = attention_backward_op(q, k, v, do, lengths, scale)
 
@@ -9,12 +9,16 @@ forward's o and lse are recomputed inside, not taken as inputs, so the op's own 
 the total second-order product with respect to q, k, v and do. `attention_op(q, k, v, lengths, scale)` is
 the attention forward whose backward is attention_backward_op: differentiable twice.
 
-The twin materialises P per head (S x S); a flash-style kernel would recompute it block by block in two
-passes (the row sums first), as the first-order kernels do.
+backend: "auto" (the Triton kernels where they can run: ops.attention.kernel_reason), "kernel" (RuntimeError
+where they cannot), "reference" (the twins). The kernels recompute P block by block and never hold an
+(S x S) tensor; their autograd nodes save q, k, v, do, o and lse. The twins materialise P per head and save
+q, k, v and do. Under create_graph (a third derivative) the double backward runs on the twin.
 """
 import math
 
 import torch
+
+from ..backends import check_op_backend
 
 
 def _acc_dtype(t):
@@ -51,14 +55,14 @@ def _heads(q, k, v, do):
         do.transpose(1, 2).to(acc)
 
 
-def attention_forward_twin(q, k, v, lengths, scale):
+def attention_op_forward_reference(q, k, v, lengths, scale):
     """o (B, S, Hq, D) in q's dtype, computed in float32 (float64 for float64 inputs)."""
     acc, group, qh, kh, vh, _ = _heads(q, k, v, q)
     p = _probabilities(qh, kh, lengths, scale)
     return (p @ vh).transpose(1, 2).to(q.dtype)
 
 
-def attention_backward_twin(q, k, v, do, lengths, scale):
+def attention_op_backward_reference(q, k, v, do, lengths, scale):
     """(dq (B, S, Hq, D), dk, dv (B, S, Hkv, D)): D_i = sum(do_i o_i), dS = P (do v^T - D),
     dq = scale dS k, dk = scale dS^T q, dv = P^T do (summed over each GQA group)."""
     acc, group, qh, kh, vh, doh = _heads(q, k, v, do)
@@ -71,7 +75,7 @@ def attention_backward_twin(q, k, v, do, lengths, scale):
                                                                                    group, v.dtype)
 
 
-def attention_double_backward_twin(q, k, v, do, lengths, scale, gq, gk, gv):
+def attention_double_backward_reference(q, k, v, do, lengths, scale, gq, gk, gv):
     """Cotangents (of q, k, v, do) of <gq, dq> + <gk, dk> + <gv, dv>, with (dq, dk, dv) the attention
     backward at (q, k, v, do); gq like q, gk and gv like k. Every step is in attention_double_backward.md."""
     acc, group, qh, kh, vh, doh = _heads(q, k, v, do)
@@ -95,30 +99,60 @@ def attention_double_backward_twin(q, k, v, do, lengths, scale, gq, gk, gv):
             do_bar.transpose(1, 2).to(do.dtype))
 
 
+
+
+def _kernel_state(q, k, v, lengths, scale):
+    """(o, lse) from the first-order forward kernel (o in q's dtype, lse (B, Hq, S) float32)."""
+    from ..kernels.attention import attention_forward as launch
+
+    return launch(q, k, v, lengths.to(torch.int32), scale)
+
+
 class _AttentionBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, do, lengths, scale):
-        ctx.save_for_backward(q, k, v, do, lengths)
-        ctx.scale = scale
-        return attention_backward_twin(q, k, v, do, lengths, scale)
+    def forward(ctx, q, k, v, do, lengths, scale, use_kernel, o, lse):
+        ctx.scale, ctx.use_kernel = scale, use_kernel
+        if not use_kernel:
+            ctx.save_for_backward(q, k, v, do, lengths)
+            return attention_op_backward_reference(q, k, v, do, lengths, scale)
+        from ..kernels.attention import attention_backward as launch
+
+        if o is None:
+            o, lse = _kernel_state(q, k, v, lengths, scale)
+        ctx.save_for_backward(q, k, v, do, lengths, o, lse)
+        return launch(do.contiguous(), q, k, v, o, lse, lengths.to(torch.int32), scale)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        q, k, v, do, lengths = ctx.saved_tensors
-        return (*attention_double_backward_twin(q, k, v, do, lengths, ctx.scale, gq, gk, gv), None, None)
+        q, k, v, do, lengths = ctx.saved_tensors[:5]
+        gq, gk, gv = (torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in ((gq, q), (gk, k), (gv, v)))
+        if ctx.use_kernel and not torch.is_grad_enabled():
+            from ..kernels.attention_double_backward import attention_double_backward as launch
+
+            o, lse = ctx.saved_tensors[5:]
+            bars = launch(q, k, v, do, o, lse, lengths.to(torch.int32), ctx.scale, gq, gk, gv)
+        else:
+            bars = attention_double_backward_reference(q, k, v, do, lengths, ctx.scale, gq, gk, gv)
+        return (*bars, None, None, None, None, None)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lengths, scale):
-        ctx.save_for_backward(q, k, v, lengths)
-        ctx.scale = scale
-        return attention_forward_twin(q, k, v, lengths, scale)
+    def forward(ctx, q, k, v, lengths, scale, use_kernel):
+        ctx.scale, ctx.use_kernel = scale, use_kernel
+        if not use_kernel:
+            ctx.save_for_backward(q, k, v, lengths)
+            return attention_op_forward_reference(q, k, v, lengths, scale)
+        o, lse = _kernel_state(q, k, v, lengths, scale)
+        ctx.save_for_backward(q, k, v, lengths, o, lse)
+        return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, lengths = ctx.saved_tensors
-        return (*_AttentionBackward.apply(q, k, v, do, lengths, ctx.scale), None, None)
+        q, k, v, lengths = ctx.saved_tensors[:4]
+        o, lse = (t.detach() for t in ctx.saved_tensors[4:]) if ctx.use_kernel else (None, None)
+        return (*_AttentionBackward.apply(q, k, v, do, lengths, ctx.scale, ctx.use_kernel, o, lse), None, None,
+                None)
 
 
 def _check(q, k, v, lengths, scale, do=None):
@@ -131,21 +165,36 @@ def _check(q, k, v, lengths, scale, do=None):
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
     if do is not None and do.shape != q.shape:
         raise ValueError(f"do shape {tuple(do.shape)} != q shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)) + ((("do", do),) if do is not None else ()):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, q {q.dtype} on {q.device}")
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (q.shape[0],) or lengths.is_floating_point():
         raise ValueError(f"lengths must be an integer tensor of shape ({q.shape[0]},)")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
 
 
-def attention_backward_op(q, k, v, do, lengths, scale, *, validate=True):
-    """(dq, dk, dv), differentiable: its backward is attention_double_backward_twin."""
+def _use_kernel(backend, op, *tensors):
+    from .attention import _use_kernel as attention_use_kernel
+
+    return attention_use_kernel(check_op_backend(backend), op, *tensors)
+
+
+def attention_backward_op(q, k, v, do, lengths, scale, *, backend="auto", validate=True):
+    """(dq, dk, dv), differentiable: its backward is the double backward (kernels or twin, by backend)."""
     if validate:
         _check(q, k, v, lengths, scale, do)
-    return _AttentionBackward.apply(q, k, v, do, lengths, float(scale))
+    use = _use_kernel(backend, "attention_backward_op", q, k, v, do)
+    return _AttentionBackward.apply(q, k, v, do, lengths, float(scale), use, None, None)
 
 
-def attention_op(q, k, v, lengths, scale, *, validate=True):
+def attention_op(q, k, v, lengths, scale, *, backend="auto", validate=True):
     """o, differentiable twice: backward attention_backward_op, double backward the explicit formulas."""
     if validate:
         _check(q, k, v, lengths, scale)
-    return _Attention.apply(q, k, v, lengths, float(scale))
+    use = _use_kernel(backend, "attention_op", q, k, v)
+    return _Attention.apply(q, k, v, lengths, float(scale), use)
+
+
+__all__ = ["attention_backward_op", "attention_double_backward_reference", "attention_op",
+           "attention_op_backward_reference", "attention_op_forward_reference"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gradmem_fast.ops import attention
-from gradmem_fast.ops.attention_double_backward import (attention_backward_op, attention_backward_twin,
-                                                         attention_double_backward_twin, attention_forward_twin,
+from gradmem_fast.ops.attention_double_backward import (attention_backward_op, attention_op_backward_reference,
+                                                         attention_double_backward_reference, attention_op_forward_reference,
                                                          attention_op)
 from helpers import rel_err
 
@@ -26,13 +26,13 @@ def _inputs(B, S, Hq, Hkv, D, lengths, seed=0):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gradcheck_of_the_backward_op(shape):
     q, k, v, do, lengths = _inputs(*shape)
-    assert torch.autograd.gradcheck(lambda *x: attention_backward_op(*x, lengths, 0.7), (q, k, v, do))
+    assert torch.autograd.gradcheck(lambda *x: attention_backward_op(*x, lengths, 0.7, backend="reference"), (q, k, v, do))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gradgradcheck_of_attention(shape):
     q, k, v, _, lengths = _inputs(*shape, seed=1)
-    assert torch.autograd.gradgradcheck(lambda *x: attention_op(*x, lengths, 0.6), (q, k, v))
+    assert torch.autograd.gradgradcheck(lambda *x: attention_op(*x, lengths, 0.6, backend="reference"), (q, k, v))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -40,7 +40,7 @@ def test_double_backward_matches_autograd_of_the_twins(shape):
     q, k, v, do, lengths = _inputs(*shape, seed=2)
     g = torch.Generator().manual_seed(3)
     gq, gk, gv = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (q, k, v))
-    got = attention_double_backward_twin(q, k, v, do, lengths, 0.8, gq, gk, gv)
+    got = attention_double_backward_reference(q, k, v, do, lengths, 0.8, gq, gk, gv)
     # autograd through the ops module's backward twin, whose o and lse come from its forward twin
     o, lse = attention.attention_forward_reference(q, k, v, lengths, 0.8)
     grads = attention.attention_backward_reference(do, q, k, v, o, lse, lengths, 0.8)
@@ -48,7 +48,7 @@ def test_double_backward_matches_autograd_of_the_twins(shape):
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-6  # the ops twins keep lse in float32 even for float64 inputs
     # autograd through this module's backward twin (all float64)
-    want = torch.autograd.grad(attention_backward_twin(q, k, v, do, lengths, 0.8), (q, k, v, do), (gq, gk, gv))
+    want = torch.autograd.grad(attention_op_backward_reference(q, k, v, do, lengths, 0.8), (q, k, v, do), (gq, gk, gv))
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-12
 
@@ -56,11 +56,11 @@ def test_double_backward_matches_autograd_of_the_twins(shape):
 def test_twins_match_the_attention_op_twins():
     q, k, v, do, lengths = _inputs(2, 6, 4, 2, 4, [6, 2], seed=4)
     o, lse = attention.attention_forward_reference(q, k, v, lengths, 0.5)
-    assert rel_err(attention_forward_twin(q, k, v, lengths, 0.5), o) < 1e-12
-    for a, b in zip(attention_backward_twin(q, k, v, do, lengths, 0.5),
+    assert rel_err(attention_op_forward_reference(q, k, v, lengths, 0.5), o) < 1e-12
+    for a, b in zip(attention_op_backward_reference(q, k, v, do, lengths, 0.5),
                     attention.attention_backward_reference(do, q, k, v, o, lse, lengths, 0.5)):
         assert rel_err(a, b) < 1e-6
-    padded = attention_backward_twin(q, k, v, do, lengths, 0.5)[0][1, 2:]
+    padded = attention_op_backward_reference(q, k, v, do, lengths, 0.5)[0][1, 2:]
     assert torch.equal(padded, torch.zeros_like(padded))  # rows beyond the length get nothing
 
 
