@@ -25,19 +25,21 @@ import triton.language as tl
 from .._triton import interpreter_on
 from .attention_common import LOG2E, LOG2E_FLOAT, block_d, launch, precision, seq_len_of
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (fp32 inputs, BLOCK_D). Each program holds four
-# (rows x D) input tiles, two fp32 accumulators of that size and four (BLOCK_M x BLOCK_N) fp32 products,
-# so the tiles are smaller than the first-order kernels'. `scripts/compile_kernels.py --ops
-# attention_double_backward` prints registers and spills for sm_90.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (fp32 inputs, BLOCK_D); BLOCK_M counts query rows and
+# BLOCK_N keys on both sides. Each program holds four (rows x D) input tiles, two fp32 accumulators of that
+# size and four (BLOCK_M x BLOCK_N) fp32 products, so the tiles are smaller than the first-order kernels'.
+# `scripts/compile_kernels.py --ops attention_double_backward` prints registers and spills for sm_90: these
+# compile without spills in 16 bits at every head dim and in fp32 up to D = 32; fp32 (the FMA path) spills a
+# few bytes on the query side at D = 64 and more at D >= 128 on both, at the smallest tiles.
 DEFAULT_SHAPES = {
-    "query": {(False, 16): (64, 32, 4, 2), (False, 32): (64, 32, 4, 2), (False, 64): (64, 32, 4, 2),
-              (False, 128): (64, 32, 8, 2), (False, 256): (32, 32, 8, 1),
-              (True, 16): (32, 32, 4, 1), (True, 32): (32, 32, 4, 1), (True, 64): (32, 16, 4, 1),
-              (True, 128): (16, 16, 4, 1), (True, 256): (16, 16, 8, 1)},
-    "key": {(False, 16): (32, 64, 4, 2), (False, 32): (32, 64, 4, 2), (False, 64): (32, 64, 4, 2),
-            (False, 128): (32, 64, 8, 2), (False, 256): (32, 32, 8, 1),
-            (True, 16): (32, 32, 4, 1), (True, 32): (32, 32, 4, 1), (True, 64): (16, 32, 4, 1),
-            (True, 128): (16, 16, 4, 1), (True, 256): (16, 16, 8, 1)},
+    "query": {(False, 16): (64, 32, 8, 2), (False, 32): (64, 32, 8, 2), (False, 64): (64, 32, 8, 2),
+              (False, 128): (32, 32, 8, 2), (False, 256): (16, 32, 8, 1),
+              (True, 16): (32, 32, 8, 1), (True, 32): (32, 32, 8, 1), (True, 64): (16, 32, 8, 1),
+              (True, 128): (16, 16, 8, 1), (True, 256): (16, 16, 8, 1)},
+    "key": {(False, 16): (32, 64, 8, 2), (False, 32): (32, 64, 8, 2), (False, 64): (32, 64, 8, 2),
+            (False, 128): (32, 32, 8, 2), (False, 256): (16, 32, 8, 1),
+            (True, 16): (32, 64, 8, 1), (True, 32): (32, 64, 8, 1), (True, 64): (32, 32, 8, 1),
+            (True, 128): (16, 16, 8, 1), (True, 256): (16, 16, 8, 1)},
 }
 
 
@@ -80,9 +82,8 @@ def _query_side_kernel(
     b_q = tl.load(Q + q_off, mask=row_mask, other=0.0)
     b_gq = tl.load(GQ + q_off, mask=row_mask, other=0.0)
     b_do = tl.load(DO + q_off, mask=row_mask, other=0.0)
-    b_o = tl.load(O + q_off, mask=row_mask, other=0.0).to(tl.float32)
     b_lse = tl.load(LSE + i_b64 * stride_lb + i_h * stride_lh + offs_m * stride_ls, mask=row_ok, other=0.0) * LOG2E
-    b_delta = tl.sum(b_o * b_do.to(tl.float32), 1)
+    b_delta = tl.sum(tl.load(O + q_off, mask=row_mask, other=0.0).to(tl.float32) * b_do.to(tl.float32), 1)
     kv_base = i_b64 * stride_kb + (i_h // GROUP) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
 
     b_a = tl.zeros([BLOCK_M], tl.float32)  # sum_j P dS_bar
@@ -122,7 +123,7 @@ def _query_side_kernel(
         b_pbar = b_dsb * (b_dp - b_delta[:, None]) + b_dogv + b_dbar[:, None] * b_dp
         b_sbar = b_p * (b_pbar - b_r[:, None])
         b_qbar += tl.dot(b_sbar.to(b_k.dtype), b_k, input_precision=PRECISION)
-    b_dobar += b_dbar[:, None] * b_o
+    b_dobar += b_dbar[:, None] * tl.load(O + q_off, mask=row_mask, other=0.0).to(tl.float32)  # o reloaded
     store_mask = (offs_m[:, None] < S) & mask_d[None, :]
     tl.store(QB + q_off, tl.where(row_ok[:, None], b_qbar * sm_scale, 0.0).to(QB.dtype.element_ty), mask=store_mask)
     tl.store(DOB + q_off, tl.where(row_ok[:, None], b_dobar, 0.0).to(DOB.dtype.element_ty), mask=store_mask)

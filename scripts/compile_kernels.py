@@ -11,7 +11,8 @@ what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim
 
     python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128,256] [-j 2]
                                       [--autotune 0]
-                                      [--ops attention,head_loss,head_loss_double_backward,qk_norm,geglu]
+                                      [--ops attention,attention_double_backward,head_loss,head_loss_double_backward,
+                                             qk_norm,geglu]
 """
 import argparse
 import concurrent.futures as cf
@@ -78,6 +79,16 @@ def attention_launches(dtype, D, Hq, Hkv, B=2, m=16, T=512):
     L0.memory_attention_backward(do, q_mem, k_mem, v_mem, q_ctx, o, lse, ctx_lengths, scale)
 
 
+def attention_double_backward_launches(dtype, D, Hq, Hkv, B=2, S=528):
+    """The recomputed step's attention double backward over S = m + T rows (both kernels)."""
+    from gradmem_fast.kernels.attention_double_backward import attention_double_backward
+
+    q, do, gq, o = (_rand((B, S, Hq, D), dtype) for _ in range(4))
+    k, v, gk, gv = (_rand((B, S, Hkv, D), dtype) for _ in range(4))
+    lengths = torch.full((B,), S, dtype=torch.int32)
+    attention_double_backward(q, k, v, do, o, torch.empty(B, Hq, S), lengths, D ** -0.5, gq, gk, gv)
+
+
 def head_loss_launches(dtype, d, V, N=16):
     from gradmem_fast.kernels.head_loss import METHODS, head_loss
 
@@ -116,7 +127,7 @@ def geglu_launches(dtype, n=1 << 20):
     geglu_bwd(_rand((n,), dtype), gate, up, torch.empty_like(gate), torch.empty_like(up))
 
 
-OPS = ("attention", "head_loss", "head_loss_double_backward", "qk_norm", "geglu")
+OPS = ("attention", "attention_double_backward", "head_loss", "head_loss_double_backward", "qk_norm", "geglu")
 
 
 def collect(dtypes, head_dims, ops=OPS):
@@ -127,6 +138,10 @@ def collect(dtypes, head_dims, ops=OPS):
             for D in head_dims:
                 for Hq, Hkv in ((4, 4), (8, 2)):  # GROUP 1 (GPT-2) and 4 (Llama GQA)
                     attention_launches(dtype, D, Hq, Hkv)
+        if "attention_double_backward" in ops:
+            for D in head_dims:
+                for Hq, Hkv in ((4, 4), (8, 2)):
+                    attention_double_backward_launches(dtype, D, Hq, Hkv)
         if "head_loss" in ops:
             # GPT-2, Llama-3.2-1B and the small KV-retrieval model's head
             for d, V in ((768, 50257), (2048, 128256), (128, 70)):

@@ -44,11 +44,11 @@ class StepConstants:
     clip_value: Optional[float]
     clip_norm: Optional[float]
     lr: torch.Tensor  # () float32
-    head_backend: str = "auto"  # the head + loss op's backend (ops.head_loss_double_backward)
+    op_backend: str = "auto"  # the write's op backend, for the head + loss op and the attention ops
 
 
 def step_constants(input_ids, attention_mask, m, memory_dtype, lr, write_head, memory_proj, clip_value,
-                   clip_norm, head_backend="auto"):
+                   clip_norm, op_backend="auto"):
     mask = attention_mask.to(torch.int32)
     lengths = mask.sum(dim=1, dtype=torch.int32)
     real = mask.bool()
@@ -58,7 +58,7 @@ def step_constants(input_ids, attention_mask, m, memory_dtype, lr, write_head, m
                          m=m, memory_dtype=memory_dtype, write_head=write_head, memory_proj=memory_proj,
                          clip_value=clip_value, clip_norm=clip_norm,
                          lr=torch.full((), lr, dtype=torch.float32, device=input_ids.device),
-                         head_backend=head_backend)
+                         op_backend=op_backend)
 
 
 @dataclass
@@ -74,6 +74,7 @@ class RecomputePlan:
     tables: tuple  # per layer, (cos, sin, rotary) of its rotary for positions 0..S-1, or None
     full_lengths: torch.Tensor  # (B,) int32 m + L_b
     attention: Any  # recompute_attention.OUT_OF_PLACE_ATTENTION
+    op_backend: str  # the attention ops' backend (ops.attention_double_backward): the write's
 
 
 def layer_plan(model, consts):
@@ -89,7 +90,7 @@ def layer_plan(model, consts):
         tables.append(None if rotary is None else by_rotary[id(rotary)])
     return RecomputePlan(spec=spec, ops=TWINS, qkv=qkv_linears(spec), down=down_linears(spec),
                          qk_norm=qk_norm_parts(spec), tables=tuple(tables), full_lengths=consts.full_lengths,
-                         attention=OUT_OF_PLACE_ATTENTION)
+                         attention=OUT_OF_PLACE_ATTENTION, op_backend=consts.op_backend)
 
 
 def _memory_rows(plan, consts, memory):
@@ -133,7 +134,7 @@ def step_loss_and_gradient(model, consts, memory, with_gradient=True):
     head = spec.lm_head.weight if consts.write_head is None else consts.write_head
     # the head's backward streams over vocabulary blocks: no (rows x V) logits are kept for the second order
     loss_rows, grad_rows = head_loss_op(hidden, head.to(y.dtype), consts.targets, consts.row_weights,
-                                        backend=consts.head_backend, validate=False)
+                                        backend=consts.op_backend, validate=False)
     loss = (loss_rows.to(torch.float32) * consts.row_weights).view(B, T).sum(dim=1)
     if not with_gradient:
         return loss, None

@@ -8,9 +8,9 @@ output and lets the attention backward write dq, dk, dv into views of one gradie
 in-place writes into the views that `split` returns, and the engine's attention ops have no derivative.
 These functions compute the same values with the same ops and formulas (engine.md, "A layer"; ops/qk_norm.md),
 but the q/k norm's parts are joined by concatenation, every rotation acts on a copy and the q/k/v gradient is
-assembled by concatenation. Attention runs as ops.attention_double_backward's ops: its forward and backward
-save only q, k, v (and do), not the (S x S) probabilities, the backward's own derivative is the written-out
-double backward, and the backward recomputes o and lse instead of reading the forward's.
+assembled by concatenation. Attention runs as ops.attention_double_backward's ops, on the write's op backend
+(plan.op_backend): they save q, k, v (and do; o and lse on the kernels), never the (S x S) probabilities, and
+the backward's own derivative is the written-out double backward (flash-style Triton kernels, or the twin).
 
 The plan (recompute.RecomputePlan) holds per layer: qkv (the fused projection, sublayers.qkv_linears), qk_norm
 (sublayers.qk_norm_parts or None) and tables ((cos, sin, rotary) for all S rows, or None).
@@ -83,7 +83,7 @@ def attention_forward(plan, i, a, addend=None):
         qk, rstd = _qk_norm(ops, plan.qk_norm[i], qk)
         q, k = qk[..., :H, :], qk[..., H:, :]
     q, k = _rotate(ops, q, plan.tables[i]), _rotate(ops, k, plan.tables[i])
-    o = attention_op(q, k, v, plan.full_lengths, spec.attn_scale, validate=False)
+    o = attention_op(q, k, v, plan.full_lengths, spec.attn_scale, backend=plan.op_backend, validate=False)
     return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, rstd, o.shape)
 
 
@@ -92,7 +92,7 @@ def attention_backward(plan, i, g, saved):
     spec, ops, H = plan.spec, plan.ops, plan.spec.num_heads
     do = linear_input_grad(g, spec.layers[i].o).view(saved.o_shape)
     dq, dk, dv = attention_backward_op(saved.q, saved.k, saved.v, do, plan.full_lengths, spec.attn_scale,
-                                       validate=False)
+                                       backend=plan.op_backend, validate=False)
     dq = _rotate(ops, dq, plan.tables[i], inverse=True)
     dk = _rotate(ops, dk, plan.tables[i], inverse=True)
     if saved.qk_pre_norm is not None:

@@ -157,7 +157,7 @@ def meta_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     parameters = meta_parameters(model, write_head, memory_proj)
     losses_differentiable = return_losses and (memory.requires_grad or bool(parameters))
     consts = step_constants(input_ids, attention_mask, m, memory.dtype, lr, write_head, memory_proj, clip_value,
-                            clip_norm, head_backend=ops.backend)
+                            clip_norm, op_backend=ops.backend)
     setup = MetaSetup(model=model, spec=spec, ops=ops, consts=consts, attention_mask=attention_mask, steps=steps,
                       first_order_steps=first_order_steps, losses_differentiable=losses_differentiable,
                       real_rows=int(attention_mask.sum()), write_head=write_head, B=B)

@@ -14,19 +14,20 @@ import pytest
 import torch
 
 import gradmem_fast
-from engine_cases import cast, fast_kwargs, make_options
+from engine_cases import TRITON_OPS, WIDE, cast, fast_kwargs, make_options, refuse_twins
 from gradmem_fast.engine import fast_reason, fast_write
 from gradmem_fast.engine.second_order import meta_parameters
+from gradmem_fast.ops import attention, attention_double_backward, head_loss_double_backward
 from helpers import FAMILIES, random_batch, rel_err, tiny_model
 from models.hf64 import hf_float64
 
 TOL_FP32 = 1e-4
 
 
-def _models(family, seed, frozen=()):
+def _models(family, seed, frozen=(), widths=None):
     """The same tiny model in float32 and float64, every parameter requiring grad but those whose name contains
-    one of `frozen`."""
-    model64 = tiny_model(family, dtype=torch.float64, seed=seed)
+    one of `frozen`; `widths` overrides the config (engine_cases.WIDE: head dim 16 for the kernels)."""
+    model64 = tiny_model(family, dtype=torch.float64, seed=seed, **(widths or {}))
     model32 = copy.deepcopy(model64).float()
     for model in (model32, model64):
         for name, p in model.named_parameters():
@@ -55,10 +56,10 @@ def _outer(out, losses, seed):
 
 
 def meta_both(family, *, B, T, lengths, m, steps, second_order_steps, option_names=(), grad_mode="second",
-              per_sample_memory=False, lr=0.4, seed=0, frozen=()):
+              per_sample_memory=False, lr=0.4, seed=0, frozen=(), op_backend="reference", widths=None):
     """{name: (fast fp32 gradient, reference fp64 gradient)} of one outer loss (the .grad each backward leaves,
     None where it leaves none), checking the written memories and losses on the way."""
-    model32, model64 = _models(family, seed, frozen)
+    model32, model64 = _models(family, seed, frozen, widths)
     ids, mask, memory = random_batch(model64, B, T, lengths=lengths, seed=seed + 1, m=m)
     memory = memory[None]
     if per_sample_memory:
@@ -78,7 +79,7 @@ def meta_both(family, *, B, T, lengths, m, steps, second_order_steps, option_nam
         _outer(ref, ref_losses, seed).backward()
 
     start32 = memory.float().clone().requires_grad_(True)
-    out, losses = fast_write(model32, start32, ids, mask, op_backend="reference", **kw,
+    out, losses = fast_write(model32, start32, ids, mask, op_backend=op_backend, **kw,
                              **fast_kwargs(options32))
     assert out.requires_grad and losses.requires_grad
     _outer(out, losses, seed).backward()
@@ -130,6 +131,34 @@ def test_second_order_gradients_match_reference(family, B, T, lengths, m, steps,
                                                 option_names, per_sample):
     pairs = meta_both(family, B=B, T=T, lengths=lengths, m=m, steps=steps, second_order_steps=second_order_steps,
                       option_names=option_names, per_sample_memory=per_sample, seed=len(option_names) + steps)
+    check_gradients(pairs)
+
+
+# the second-order ops that run as Triton kernels on the write's op backend: attention's forward, backward and
+# double backward (ops.attention_double_backward), the head + loss op's double backward
+SECOND_ORDER_KERNEL_OPS = {
+    attention_double_backward: ("attention_op_forward", "attention_op_backward", "attention_double_backward"),
+    head_loss_double_backward: ("head_loss_double_backward",),
+}
+
+
+@pytest.mark.needs_triton
+@pytest.mark.parametrize("family, B, T, lengths, m, steps, second_order_steps, option_names", [
+    ("llama", 2, 7, [7, 4], 3, 2, None, ("write_head", "memory_proj")),
+    ("gemma3_text", 2, 6, [4, 6], 2, 2, 1, ("clip_norm",)),
+    ("gpt2", 1, 5, None, 2, 1, None, ()),
+])
+def test_second_order_on_the_kernels(family, B, T, lengths, m, steps, second_order_steps, option_names,
+                                     monkeypatch):
+    """op_backend "auto" under the interpreter: the forward steps on the first-order kernels, the recomputed
+    steps' attention and head + loss double backwards on theirs; a fallback to a twin fails the test."""
+    refuse_twins(monkeypatch, {attention: TRITON_OPS[attention], **SECOND_ORDER_KERNEL_OPS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"triton\.")
+        pairs = meta_both(family, B=B, T=T, lengths=lengths, m=m, steps=steps,
+                          second_order_steps=second_order_steps, option_names=option_names, seed=5,
+                          op_backend="auto", widths=WIDE[family])
     check_gradients(pairs)
 
 
