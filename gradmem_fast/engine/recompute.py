@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..models import describe
 from ..models.forward import layer_rotary
 from ..ops.head_loss_double_backward import head_loss_op
-from ..ops.memory_update import memory_update__reference
+from ..ops.memory_update import memory_update_op
 from .layers import layer_backward, layer_forward
 from .ops import ops_for
 from .plan import fold_norm_offsets
@@ -150,6 +150,6 @@ def step_loss_and_gradient(model, consts, memory, with_gradient=True):
 
 
 def memory_update(consts, memory, grad):
-    """M - lr * clip(g), out of place and differentiable (the engine's update twin applied to a copy)."""
-    return memory_update__reference(memory.clone(), grad, consts.lr, clip_value=consts.clip_value,
-                                    clip_norm=consts.clip_norm)
+    """M - lr * clip(g), out of place and differentiable (its backward the update's written rule)."""
+    return memory_update_op(memory, grad, consts.lr, clip_value=consts.clip_value, clip_norm=consts.clip_norm,
+                            validate=False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gradmem_fast.ops.memory_update import memory_update_, memory_update__reference
+from gradmem_fast.ops.memory_update import memory_update_, memory_update__reference, memory_update_op
 from helpers import rel_err
 
 
@@ -125,3 +125,59 @@ def test_cuda_fallback_to_twin_warns():
     backends._warned.clear()
     with pytest.warns(UserWarning, match="using the PyTorch twin"):
         memory_update_(memory, grad, torch.tensor(0.1, device="cuda"))
+
+
+# ---------------------------------------------------------------- memory_update_op (differentiable)
+
+
+def _op_inputs(shape, seed, zero_sample=False):
+    memory = _t(shape, torch.float64, seed=seed).requires_grad_(True)
+    grad = _t(shape, torch.float64, seed=seed + 1, scale=0.7)
+    if zero_sample:
+        grad[0] = 0.0
+    return memory, grad.requires_grad_(True), torch.tensor(0.3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("clip_value,clip_norm", CLIPS + [(0.5, 0.2)])
+def test_op_gradcheck_and_gradgradcheck(clip_value, clip_norm):
+    memory, grad, lr = _op_inputs((2, 3, 4), seed=3)
+
+    def f(m, g):
+        return memory_update_op(m, g, lr, clip_value=clip_value, clip_norm=clip_norm)
+
+    assert torch.autograd.gradcheck(f, (memory, grad))
+    assert torch.autograd.gradgradcheck(f, (memory, grad))
+
+
+@pytest.mark.parametrize("clip_value,clip_norm", CLIPS + [(0.5, 0.2), (None, 0.2)])
+@pytest.mark.parametrize("zero_sample", [False, True])
+def test_op_backward_matches_autograd_of_the_twin(clip_value, clip_norm, zero_sample):
+    # 0.7 randn: some entries beyond clip_value 0.5; the samples' norms are 2.4 to 2.9 (1.5 to 1.7 after the
+    # value clip): clip_norm 3 and 1e6 leave them, 0.2 scales every one; a zero sample has no norm gradient
+    memory, grad, lr = _op_inputs((3, 4, 4), seed=5, zero_sample=zero_sample)
+    out = memory_update_op(memory, grad, lr, clip_value=clip_value, clip_norm=clip_norm)
+    want_out = memory_update__reference(memory.clone(), grad, lr, clip_value=clip_value, clip_norm=clip_norm)
+    assert torch.equal(out, want_out)
+    seed = _t(out.shape, torch.float64, seed=9)
+    got = torch.autograd.grad(out, (memory, grad), seed)
+    want = torch.autograd.grad(want_out, (memory, grad), seed)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12
+    if clip_value is not None:  # the clip is active somewhere, and where it is the gradient is zero
+        beyond = grad.detach().abs() > clip_value
+        assert beyond.any() and (got[1][beyond] == 0).all()
+
+
+def test_op_float32_and_errors():
+    memory, grad, lr = (t.detach().float() for t in _op_inputs((2, 3, 4), seed=7))
+    grad.requires_grad_(True)
+    out = memory_update_op(memory, grad, lr.float(), clip_value=0.5, clip_norm=1.0)
+    assert out.dtype == torch.float32
+    (d,) = torch.autograd.grad(out.sum(), grad)
+    assert d.dtype == torch.float32
+    with pytest.raises(ValueError, match="grad"):
+        memory_update_op(memory, grad.double(), lr)
+    with pytest.raises(ValueError, match="clip_norm"):
+        memory_update_op(memory, grad, lr, clip_norm=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        memory_update_op(memory, grad, 0.1)
