@@ -47,6 +47,26 @@ def _row_loss(b_m, b_zt, b_s_nt):
 
 
 @triton.jit
+def acc_rows_times_weight(p_acc, p_w, b_x, b_alpha, o_n64, m_n, o_col64, m_col, v0, D, stride_w,
+                          BLOCK_D: tl.constexpr, RESCALE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[rows] = (alpha * if RESCALE) acc[rows] + b_x @ W[cols] over D in BLOCK_D pieces: acc fp32 (N, D) at
+    p_acc, b_x (BLOCK_N, BLOCK_V) in W's dtype, W (V, D) rows o_col64. The first vocabulary block (v0 == 0)
+    starts from zero: the buffer is never cleared."""
+    o_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        m_dd = d0 + o_d < D
+        m_nd = m_n[:, None] & m_dd[None, :]
+        p_a = p_acc + o_n64[:, None] * D + d0 + o_d[None, :]
+        b_a = tl.load(p_a, mask=m_nd & (v0 > 0), other=0.0)
+        if RESCALE:
+            b_a = b_a * b_alpha[:, None]
+        b_wv = tl.load(p_w + o_col64[:, None] * stride_w + d0 + o_d[None, :],
+                       mask=m_col[:, None] & m_dd[None, :], other=0.0)  # (BLOCK_V, BLOCK_D)
+        b_a = tl.dot(b_x, b_wv, b_a, input_precision=PRECISION)
+        tl.store(p_a, b_a, mask=m_nd)
+
+
+@triton.jit
 def _softmax_grad_kernel(p_logits, p_targets, p_row_weights, p_loss, stride_row, V, BLOCK_V: tl.constexpr):
     # one program per row: logits row (V,) -> w * (softmax - onehot(t)) in place, loss = lse - z_t
     i_row = tl.program_id(0)
@@ -130,17 +150,8 @@ def _fused_head_loss_kernel(p_h, p_w, p_targets, p_row_weights, p_loss, p_acc, p
             b_p = tl.where(b_is_t, 0.0, tl.exp(b_z - b_m_new[:, None]))
             b_s_nt = b_s_nt * b_alpha + tl.sum(b_p, axis=1)
             b_m = b_m_new
-            b_p = b_p.to(p_w.dtype.element_ty)
-            for d0 in range(0, D, BLOCK_D):
-                m_dd = d0 + o_d < D
-                m_nd = m_n[:, None] & m_dd[None, :]
-                p_a = p_acc + o_n64[:, None] * D + d0 + o_d[None, :]
-                # the first block starts from zero: the buffer is never cleared
-                b_a = tl.load(p_a, mask=m_nd & (v0 > 0), other=0.0)
-                b_wv = tl.load(p_w + o_col64[:, None] * stride_w + d0 + o_d[None, :],
-                               mask=m_col[:, None] & m_dd[None, :], other=0.0)  # (BLOCK_V, BLOCK_D)
-                b_a = tl.dot(b_p, b_wv, b_a * b_alpha[:, None], input_precision=PRECISION)
-                tl.store(p_a, b_a, mask=m_nd)
+            acc_rows_times_weight(p_acc, p_w, b_p.to(p_w.dtype.element_ty), b_alpha, o_n64, m_n, o_col64, m_col,
+                                  v0, D, stride_w, BLOCK_D, True, PRECISION)
         tl.store(p_loss + o_n, tl.where(b_live, _row_loss(b_m, b_zt, b_s_nt), 0.0), mask=m_n)
         b_inv_s = 1.0 / (b_s_nt + tl.exp(b_zt - b_m))
         m_t = m_n & b_live & (b_t >= 0) & (b_t < V)

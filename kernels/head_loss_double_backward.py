@@ -17,6 +17,7 @@ import triton.language as tl
 from gradmem_fast._triton import interpreter_on
 
 from .device import on_device
+from .head_loss import acc_rows_times_weight
 from .precision import dot_precision
 
 
@@ -108,17 +109,8 @@ def _dhidden_kernel(p_h, p_w, p_targets, p_row_weights, p_lse, p_loss_bar, p_gra
                 b_valid = b_live[:, None] & m_col[None, :]
                 b_delta, _ = _delta_gamma(b_z, b_u, o_col[None, :] == b_t[:, None], b_valid, b_lse, b_ut, b_s,
                                           b_c, b_lb, b_rw)
-                b_delta = b_delta.to(p_w.dtype.element_ty)
-                for d0 in range(0, D, BLOCK_D):
-                    m_dd = d0 + o_d < D
-                    m_nd = m_n[:, None] & m_dd[None, :]
-                    p_a = p_acc + o_n64[:, None] * D + d0 + o_d[None, :]
-                    # the first tile starts from zero: the buffer is never cleared
-                    b_a = tl.load(p_a, mask=m_nd & (v0 > 0), other=0.0)
-                    b_wv = tl.load(p_w + o_col64[:, None] * stride_w + d0 + o_d[None, :],
-                                   mask=m_col[:, None] & m_dd[None, :], other=0.0)  # (BLOCK_V, BLOCK_D)
-                    b_a = tl.dot(b_delta, b_wv, b_a, input_precision=PRECISION)
-                    tl.store(p_a, b_a, mask=m_nd)
+                acc_rows_times_weight(p_acc, p_w, b_delta.to(p_w.dtype.element_ty), b_lse, o_n64, m_n, o_col64,
+                                      m_col, v0, D, stride_w, BLOCK_D, False, PRECISION)
             if not ACC_IS_OUT:
                 for d0 in range(0, D, BLOCK_D):
                     m_nd = m_n[:, None] & (d0 + o_d < D)[None, :]

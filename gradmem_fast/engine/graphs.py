@@ -178,9 +178,10 @@ def capture(model, spec, ops, ids, mask, memory, lr, write_head, memory_proj, cl
 
 
 def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *, steps, lr, write_head,
-                memory_proj, clip_value, clip_norm, losses, real_rows):
+                memory_proj, clip_value, clip_norm, losses, real_rows, memories=None):
     """start (B, m, d) memory-dtype; real_rows: the mask's sum. Returns M_K (a fresh tensor); fills losses
-    (B, K) when given."""
+    (B, K) when given; appends a copy of the memory before each step (M_0 .. M_{K-1}) to `memories` when
+    given (the second-order write's forward)."""
     B, T = input_ids.shape
     m = start.shape[1]
     Tb, R = graph_shape(B, T, m, real_rows, spec.max_positions)
@@ -211,6 +212,8 @@ def graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *
         fill(entry.ids, entry.mask, entry.memory, entry.lr)
         entry.prologue.replay()
         for k in range(steps):
+            if memories is not None:
+                memories.append(entry.memory.clone())
             entry.step.replay()
             entry.replays += 1
             if losses is not None:

@@ -1,8 +1,9 @@
 """Meta-gradients through the fast write: grad_mode="second" (optionally only the last j steps), and
 differentiable per-step losses under "first" and "second", with memory flat in K (second_order.md).
 
-Forward: the engine's first-order steps without autograd, keeping the per-write plan and M_0 .. M_{K-1}
-(B*m*d each), nothing of the steps' activations. Backward: for k = K-1 .. 0, step k is recomputed with
+Forward: the engine's first-order steps without autograd (the captured CUDA graph where the first-order
+write would replay it, else the eager loop), keeping M_0 .. M_{K-1} (B*m*d each), nothing of the steps'
+activations. Backward: for k = K-1 .. 0, step k is recomputed with
 the ops' twins under autograd (recompute.py) and the vector-Jacobian product of
 (M_{k+1} = M_k - lr * clip(g(M_k)), loss_k) with respect to M_k and every parameter that requires grad
 is formed; that step's graph is freed before the next one is built.
@@ -72,6 +73,9 @@ class MetaSetup:
     real_rows: int
     write_head: Optional[torch.Tensor]
     B: int
+    signature: Any = None  # specs.spec_of's, for the graph cache key
+    use_graphs: bool = False  # the forward replays the first-order write's captured step
+    lr: float = 0.0  # the step size as a host float (the graph path fills its own lr tensor with it)
 
 
 class MetaWrite(torch.autograd.Function):
@@ -83,14 +87,25 @@ class MetaWrite(torch.autograd.Function):
         current = memory.expand(setup.B, *memory.shape[1:]).clone(memory_format=torch.contiguous_format)
         losses = torch.empty(setup.B, setup.steps, dtype=torch.float32, device=current.device)
         memories = []
-        with torch.no_grad(), on_device(current):
-            plan = build_plan(setup.spec, setup.ops, consts.input_ids, setup.attention_mask, consts.m,
-                              current.dtype, setup.write_head, consts.memory_proj, head_rows_count=setup.real_rows)
-            step_loss = torch.empty(setup.B, dtype=torch.float32, device=current.device)
-            for k in range(setup.steps):
-                memories.append(current.clone())
-                write_step(plan, current, consts.lr, step_loss, consts.clip_value, consts.clip_norm)
-                losses[:, k].copy_(step_loss)
+        if setup.use_graphs:
+            from .graphs import graph_write  # makes the tensors' device current itself
+
+            with torch.no_grad():
+                current = graph_write(setup.model, setup.spec, setup.signature, setup.ops, current, consts.input_ids,
+                                      setup.attention_mask, steps=setup.steps, lr=setup.lr,
+                                      write_head=setup.write_head, memory_proj=consts.memory_proj,
+                                      clip_value=consts.clip_value, clip_norm=consts.clip_norm, losses=losses,
+                                      real_rows=setup.real_rows, memories=memories)
+        else:
+            with torch.no_grad(), on_device(current):
+                plan = build_plan(setup.spec, setup.ops, consts.input_ids, setup.attention_mask, consts.m,
+                                  current.dtype, setup.write_head, consts.memory_proj,
+                                  head_rows_count=setup.real_rows)
+                step_loss = torch.empty(setup.B, dtype=torch.float32, device=current.device)
+                for k in range(setup.steps):
+                    memories.append(current.clone())
+                    write_step(plan, current, consts.lr, step_loss, consts.clip_value, consts.clip_norm)
+                    losses[:, k].copy_(step_loss)
         ctx.setup = setup
         ctx.memory_batch = memory.shape[0]
         ctx.save_for_backward(*memories, *parameters)
@@ -140,15 +155,16 @@ def _step_vjp(setup, memory_k, parameters, second, d_next, d_loss):
 
 
 def meta_write(model, memory, input_ids, attention_mask, *, steps, lr, write_head, memory_proj, clip_value,
-               clip_norm, grad_mode, return_losses, ops, second_order_steps=None):
+               clip_norm, grad_mode, return_losses, ops, second_order_steps=None, use_graphs=False):
     """The fast write under grad_mode "second", or "first" with differentiable losses (arguments as
-    engine.fast_write, already validated; ops: the engine's Ops for the forward steps)."""
+    engine.fast_write, already validated; ops: the engine's Ops for the forward steps; use_graphs: whether
+    the forward steps replay the captured CUDA graph)."""
     validation.check_second_order_steps(second_order_steps, steps, grad_mode)
     B, T = input_ids.shape
     m = memory.shape[-2]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    spec, _ = spec_of(model)
+    spec, signature = spec_of(model)
     check_length(spec, m, T)
     if grad_mode == "second":
         first_order_steps = 0 if second_order_steps is None else steps - second_order_steps
@@ -160,7 +176,8 @@ def meta_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
                             clip_norm, op_backend=ops.backend)
     setup = MetaSetup(model=model, spec=spec, ops=ops, consts=consts, attention_mask=attention_mask, steps=steps,
                       first_order_steps=first_order_steps, losses_differentiable=losses_differentiable,
-                      real_rows=int(attention_mask.sum()), write_head=write_head, B=B)
+                      real_rows=int(attention_mask.sum()), write_head=write_head, B=B, signature=signature,
+                      use_graphs=use_graphs and steps > 0, lr=lr)
     result, losses = MetaWrite.apply(setup, memory, *parameters)
     if grad_mode == "first":  # as fast_write's first order: the result's graph is the identity to M0 alone
         start = memory.expand(B, *memory.shape[1:])

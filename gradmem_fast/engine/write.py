@@ -66,7 +66,8 @@ def fast_write(model, memory, input_ids, attention_mask, *, steps, lr, write_hea
     if needs_meta_write(model, memory, grad_mode, return_losses, write_head, memory_proj):
         return meta_write(model, memory, input_ids, attention_mask, steps=steps, lr=lr, write_head=write_head,
                           memory_proj=memory_proj, clip_value=clip_value, clip_norm=clip_norm, grad_mode=grad_mode,
-                          return_losses=return_losses, ops=ops, second_order_steps=second_order_steps)
+                          return_losses=return_losses, ops=ops, second_order_steps=second_order_steps,
+                          use_graphs=_use_graphs(input_ids.device, use_graphs))
     B, T = input_ids.shape
     m = memory.shape[-2]
     start_view = memory.expand(B, m, memory.shape[-1])

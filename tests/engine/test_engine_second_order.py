@@ -16,6 +16,7 @@ import torch
 import gradmem_fast
 from engine_cases import TRITON_OPS, WIDE, cast, fast_kwargs, make_options, refuse_twins
 from gradmem_fast.engine import fast_reason, fast_write
+from gradmem_fast.engine.ops import ops_for
 from gradmem_fast.engine.second_order import meta_parameters
 from gradmem_fast.ops import attention, attention_double_backward, head_loss_double_backward
 from helpers import FAMILIES, random_batch, rel_err, tiny_model
@@ -268,6 +269,46 @@ def test_saved_memory_is_flat_in_steps():
     one_step = (ref8 - ref2) / 6
     assert one_step > 50 * memory_bytes  # the reference keeps every step's activations: a real difference
     assert fast2 < ref2 and fast8 < 0.5 * ref8
+
+
+def test_forward_on_the_graph_path_keeps_each_steps_memory(monkeypatch):
+    """With use_graphs the forward steps go through graphs.graph_write, which hands back M_0 .. M_{K-1}; here a
+    stand-in replays the eager loop (a capture needs CUDA): the gradients equal the eager forward's exactly,
+    and no host float is read from the step-size tensor."""
+    from gradmem_fast.engine import graphs
+    from gradmem_fast.engine.plan import build_plan
+    from gradmem_fast.engine.second_order import meta_write
+    from gradmem_fast.engine.step import write_step
+
+    calls = []
+
+    def eager_graph_write(model, spec, signature, ops, start, input_ids, attention_mask, *, steps, lr, write_head,
+                          memory_proj, clip_value, clip_norm, losses, real_rows, memories):
+        calls.append((steps, lr))
+        plan = build_plan(spec, ops, input_ids, attention_mask, start.shape[1], start.dtype, write_head, memory_proj,
+                          head_rows_count=real_rows)
+        memory, lr_t = start.clone(), torch.full((), lr, dtype=torch.float32)
+        step_loss = torch.empty(start.shape[0], dtype=torch.float32)
+        for k in range(steps):
+            memories.append(memory.clone())
+            write_step(plan, memory, lr_t, step_loss, clip_value, clip_norm)
+            losses[:, k].copy_(step_loss)
+        return memory
+
+    monkeypatch.setattr(graphs, "graph_write", eager_graph_write)
+    model = tiny_model("llama", dtype=torch.float32, seed=8)
+    model.requires_grad_(True)
+    ids, mask, memory = random_batch(model, 2, 7, lengths=[7, 4], m=3, seed=9)
+    grads = []
+    for use_graphs in (False, True):
+        start = memory[None].clone().requires_grad_(True)
+        out, losses = meta_write(model, start, ids, mask, steps=3, lr=0.3, write_head=None, memory_proj=None,
+                                 clip_value=None, clip_norm=None, grad_mode="second", return_losses=True,
+                                 ops=ops_for("reference"), use_graphs=use_graphs)
+        grads.append(torch.autograd.grad(_outer(out, losses, 3), [start, *model.parameters()]))
+    assert calls == [(3, 0.3)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_first_order_result_reaches_only_the_memory():
