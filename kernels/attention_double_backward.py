@@ -29,11 +29,11 @@ from .attention_common import LOG2E, LOG2E_FLOAT, block_d, launch, precision, se
 # BLOCK_N keys on both sides. Each program holds four (rows x D) input tiles, two fp32 accumulators of that
 # size and four (BLOCK_M x BLOCK_N) fp32 products, so the tiles are smaller than the first-order kernels'.
 # `scripts/compile_kernels.py --ops attention_double_backward` prints registers and spills for sm_90: these
-# compile without spills in 16 bits at every head dim and in fp32 up to D = 32; fp32 (the FMA path) spills a
-# few bytes on the query side at D = 64 and more at D >= 128 on both, at the smallest tiles.
+# compile without spills in 16 bits at every head dim and in fp32 up to D = 64; fp32 (the FMA path) spills
+# at D >= 128 (up to 2.4 kB per thread on the query side at D = 256), even at the smallest tiles.
 DEFAULT_SHAPES = {
     "query": {(False, 16): (64, 32, 8, 2), (False, 32): (64, 32, 8, 2), (False, 64): (64, 32, 8, 2),
-              (False, 128): (32, 32, 8, 2), (False, 256): (16, 32, 8, 1),
+              (False, 128): (32, 32, 8, 2), (False, 256): (16, 16, 8, 1),
               (True, 16): (32, 32, 8, 1), (True, 32): (32, 32, 8, 1), (True, 64): (16, 32, 8, 1),
               (True, 128): (16, 16, 8, 1), (True, 256): (16, 16, 8, 1)},
     "key": {(False, 16): (32, 64, 8, 2), (False, 32): (32, 64, 8, 2), (False, 64): (32, 64, 8, 2),
@@ -54,6 +54,29 @@ def _block_terms(b_q, b_gq, b_do, b_lse, b_k, b_gk, b_v, b_gv, b_mask, qk_scale,
              + tl.dot(b_q, tl.trans(b_gk), input_precision=PRECISION)) * sm_scale
     b_dogv = tl.dot(b_do, tl.trans(b_gv), input_precision=PRECISION)
     return b_p, b_dp, b_dsb, b_dogv
+
+
+@triton.jit
+def _key_block(K, GK, V, GV, kv_off, keys, seq_len, mask_d, b_q, b_gq, b_do, b_lse, offs_m, row_ok, qk_scale,
+               sm_scale, PRECISION: tl.constexpr):
+    """The key block at kv_off (rows `keys`) of K, gK, V, gV, and its _block_terms against the query block
+    (causal, rows past seq_len masked)."""
+    key_mask = (keys < seq_len)[:, None] & mask_d[None, :]
+    b_k = tl.load(K + kv_off, mask=key_mask, other=0.0)
+    b_gk = tl.load(GK + kv_off, mask=key_mask, other=0.0)
+    b_v = tl.load(V + kv_off, mask=key_mask, other=0.0)
+    b_gv = tl.load(GV + kv_off, mask=key_mask, other=0.0)
+    b_mask = row_ok[:, None] & (offs_m[:, None] >= keys[None, :])
+    b_p, b_dp, b_dsb, b_dogv = _block_terms(b_q, b_gq, b_do, b_lse, b_k, b_gk, b_v, b_gv, b_mask, qk_scale,
+                                            sm_scale, PRECISION)
+    return b_k, b_gk, b_v, b_gv, b_p, b_dp, b_dsb, b_dogv
+
+
+@triton.jit
+def _s_bar(b_p, b_dp, b_dsb, b_dogv, b_delta, b_dbar, b_r):
+    """S_bar = P (P_bar - R), P_bar = dS_bar (dP - D) + dO gV^T + D_bar dP, from the rows' D, D_bar, R."""
+    b_pbar = b_dsb * (b_dp - b_delta[:, None]) + b_dogv + b_dbar[:, None] * b_dp
+    return b_p * (b_pbar - b_r[:, None])
 
 
 @triton.jit
@@ -93,14 +116,9 @@ def _query_side_kernel(
     b_dobar = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(start_m + BLOCK_M, seq_len) * (start_m < seq_len).to(tl.int32)
     for start_n in range(0, hi, BLOCK_N):
-        key_mask = ((start_n + offs_n) < seq_len)[:, None] & mask_d[None, :]
-        b_k = tl.load(K + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_gk = tl.load(GK + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_v = tl.load(V + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_gv = tl.load(GV + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_mask = row_ok[:, None] & (offs_m[:, None] >= (start_n + offs_n)[None, :])
-        b_p, b_dp, b_dsb, b_dogv = _block_terms(b_q, b_gq, b_do, b_lse, b_k, b_gk, b_v, b_gv, b_mask, qk_scale,
-                                                sm_scale, PRECISION)
+        b_k, b_gk, b_v, b_gv, b_p, b_dp, b_dsb, b_dogv = _key_block(
+            K, GK, V, GV, kv_base + start_n * stride_ks, start_n + offs_n, seq_len, mask_d, b_q, b_gq, b_do, b_lse,
+            offs_m, row_ok, qk_scale, sm_scale, PRECISION)
         b_pdsb = b_p * b_dsb
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_a += tl.sum(b_pdsb, 1)
@@ -112,16 +130,10 @@ def _query_side_kernel(
     b_dbar = -b_a
     b_r = b_b + b_c + b_dbar * b_delta
     for start_n in range(0, hi, BLOCK_N):
-        key_mask = ((start_n + offs_n) < seq_len)[:, None] & mask_d[None, :]
-        b_k = tl.load(K + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_gk = tl.load(GK + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_v = tl.load(V + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_gv = tl.load(GV + kv_base + start_n * stride_ks, mask=key_mask, other=0.0)
-        b_mask = row_ok[:, None] & (offs_m[:, None] >= (start_n + offs_n)[None, :])
-        b_p, b_dp, b_dsb, b_dogv = _block_terms(b_q, b_gq, b_do, b_lse, b_k, b_gk, b_v, b_gv, b_mask, qk_scale,
-                                                sm_scale, PRECISION)
-        b_pbar = b_dsb * (b_dp - b_delta[:, None]) + b_dogv + b_dbar[:, None] * b_dp
-        b_sbar = b_p * (b_pbar - b_r[:, None])
+        b_k, b_gk, b_v, b_gv, b_p, b_dp, b_dsb, b_dogv = _key_block(
+            K, GK, V, GV, kv_base + start_n * stride_ks, start_n + offs_n, seq_len, mask_d, b_q, b_gq, b_do, b_lse,
+            offs_m, row_ok, qk_scale, sm_scale, PRECISION)
+        b_sbar = _s_bar(b_p, b_dp, b_dsb, b_dogv, b_delta, b_dbar, b_r)
         b_qbar += tl.dot(b_sbar.to(b_k.dtype), b_k, input_precision=PRECISION)
     b_dobar += b_dbar[:, None] * tl.load(O + q_off, mask=row_mask, other=0.0).to(tl.float32)  # o reloaded
     store_mask = (offs_m[:, None] < S) & mask_d[None, :]
@@ -182,8 +194,7 @@ def _key_side_kernel(
             b_p, b_dp, b_dsb, b_dogv = _block_terms(b_q, b_gq, b_do, b_lse, b_k, b_gk, b_v, b_gv, b_mask,
                                                     qk_scale, sm_scale, PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
-            b_pbar = b_dsb * (b_dp - b_delta[:, None]) + b_dogv + b_dbar[:, None] * b_dp
-            b_sbar = b_p * (b_pbar - b_r[:, None])
+            b_sbar = _s_bar(b_p, b_dp, b_dsb, b_dogv, b_delta, b_dbar, b_r)
             b_kbar += tl.dot(tl.trans(b_ds.to(b_gq.dtype)), b_gq, input_precision=PRECISION)
             b_kbar += tl.dot(tl.trans(b_sbar.to(b_q.dtype)), b_q, input_precision=PRECISION)
             b_vbar += tl.dot(tl.trans((b_p * (b_dsb + b_dbar[:, None])).to(b_do.dtype)), b_do,

@@ -97,3 +97,24 @@ def rel_err(x, ref):
         return math.inf
     denom = ref.abs().max().clamp_min(1e-30)
     return ((x - ref).abs().max() / denom).item()
+
+
+def saved_during(fn):
+    """(fn(), the tensors autograd saved while it ran, in order)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def assert_accuracy(got, want, dtype, rtol, ratio, plain):
+    """Each result in `dtype` and like its float64 counterpart in `want`: relative error under rtol (fp32),
+    or, for half precision (rtol None), within `ratio` x the error of `plain()`, the unfused computation
+    in that dtype (called only then)."""
+    baseline = plain() if rtol is None else (None,) * len(want)
+    for a, b, p in zip(got, want, baseline):
+        assert a.dtype == dtype and a.shape == b.shape
+        if rtol is not None:
+            assert rel_err(a, b) < rtol
+        else:
+            assert rel_err(a, b) <= ratio * rel_err(p, b), (rel_err(a, b), rel_err(p, b))

@@ -1,8 +1,10 @@
-"""One write step recomputed with the ops' PyTorch twins under autograd: the step's loss and its gradient
-g(M) = grad_M sum_b L_b(M) as differentiable functions of the memory and of every weight (second_order.md).
+"""One write step recomputed under autograd: the step's loss and its gradient g(M) = grad_M sum_b L_b(M) as
+differentiable functions of the memory and of every weight (second_order.md).
 
-The engine's hand-written backward runs on the twins, whose backward formulas are plain torch ops, so its
-output g is a graph that autograd differentiates once more (reverse over reverse). The layers are the engine's
+The engine's hand-written backward runs on ops that differentiate twice (recompute_ops.RECOMPUTE_OPS: add +
+norm and the activations as ops whose backward is a written second-order rule, rotary on its linear twin;
+attention, q/k norm and the head + loss as their own such ops), so its output g is a graph that autograd
+differentiates once more (reverse over reverse) and whose nodes save only the ops' inputs. The layers are the engine's
 own (layers.layer_forward / layer_backward, every block structure written once there) with the out-of-place
 attention sublayer of recompute_attention.py. What the fast step caches per write (the layer-0 context rows'
 norm, q/k/v, rotary and context-over-context attention, the fused q/k/v weights, the folded biases and norm
@@ -22,12 +24,10 @@ from ..models.forward import layer_rotary
 from ..ops.head_loss_double_backward import head_loss_op
 from ..ops.memory_update import memory_update_op
 from .layers import layer_backward, layer_forward
-from .ops import ops_for
 from .plan import fold_norm_offsets
 from .recompute_attention import OUT_OF_PLACE_ATTENTION
+from .recompute_ops import RECOMPUTE_OPS
 from .sublayers import down_linears, qk_norm_parts, qkv_linears
-
-TWINS = ops_for("reference")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class RecomputePlan:
     model's parameters under the current grad mode, so the fused q/k/v weights, folded biases, q/k norm
     weights and norm offsets are in the step's graph."""
     spec: Any  # models.spec.ModelSpec, norm offsets folded (plan.fold_norm_offsets)
-    ops: Any  # engine.ops.Ops on the twins
+    ops: Any  # recompute_ops.RECOMPUTE_OPS
     qkv: tuple  # per layer, the q/k/v projection as one Linear (sublayers.qkv_linears)
     down: tuple  # per layer, the MLP down projection as the engine runs it (sublayers.down_linears)
     qk_norm: tuple  # per layer, the q/k norm's parts (sublayers.qk_norm_parts), or None
@@ -86,9 +86,9 @@ def layer_plan(model, consts):
     for layer in spec.layers:
         rotary = layer_rotary(spec, layer)
         if rotary is not None and id(rotary) not in by_rotary:
-            by_rotary[id(rotary)] = (*TWINS.rotary_tables(rotary, positions), rotary)
+            by_rotary[id(rotary)] = (*RECOMPUTE_OPS.rotary_tables(rotary, positions), rotary)
         tables.append(None if rotary is None else by_rotary[id(rotary)])
-    return RecomputePlan(spec=spec, ops=TWINS, qkv=qkv_linears(spec), down=down_linears(spec),
+    return RecomputePlan(spec=spec, ops=RECOMPUTE_OPS, qkv=qkv_linears(spec), down=down_linears(spec),
                          qk_norm=qk_norm_parts(spec), tables=tuple(tables), full_lengths=consts.full_lengths,
                          attention=OUT_OF_PLACE_ATTENTION, op_backend=consts.op_backend)
 

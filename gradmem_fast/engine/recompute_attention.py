@@ -11,18 +11,21 @@ but the q/k norm's parts are joined by concatenation, every rotation acts on a c
 assembled by concatenation. Attention runs as ops.attention_double_backward's ops, on the write's op backend
 (plan.op_backend): they save q, k, v (and do; o and lse on the kernels), never the (S x S) probabilities, and
 the backward's own derivative is the written-out double backward (flash-style Triton kernels, or the twin).
+The q/k norm runs as ops.norm_double_backward's qk_norm_op / qk_norm_backward_op (the backward recomputes
+rstd from its input), rotary on the twin (linear, its tables constant).
 
 The plan (recompute.RecomputePlan) holds per layer: qkv (the fused projection, sublayers.qkv_linears), qk_norm
 (sublayers.qk_norm_parts or None) and tables ((cos, sin, rotary) for all S rows, or None).
 Shapes: a (B, S, d); q (B, S, H, D), k and v (B, S, Hkv, D); qk (B, S, H + Hkv, D) q and k together.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..models.forward import linear
 from ..models.qkv import split_qkv
 from ..ops.attention_double_backward import attention_backward_op, attention_op
+from ..ops.norm_double_backward import qk_norm_backward_op, qk_norm_op
 from .sublayers import AttentionSublayer, linear_input_grad, output_projection, qk_norm_view
 
 
@@ -32,7 +35,6 @@ class RecomputedAttention(NamedTuple):
     k: torch.Tensor  # (B, S, Hkv, D)
     v: torch.Tensor  # (B, S, Hkv, D)
     qk_pre_norm: Optional[torch.Tensor]  # (B, S, H + Hkv, D) q and k before their norm; None without one
-    qk_rstd: Optional[Tuple[torch.Tensor, ...]]  # per sublayers.QKNormPart, its rstd (B, S, G)
     o_shape: torch.Size  # (B, S, H, D)
 
 
@@ -49,20 +51,17 @@ def _heads(part_out, part):
     return part_out.reshape(*part_out.shape[:-2], part.stop - part.start, -1)
 
 
-def _qk_norm(ops, parts, qk):
-    """qk (B, S, H + Hkv, D) -> (normed qk, a new tensor; rstd per part), one twin call per QKNormPart."""
-    normed, rstd = [], []
-    for p in parts:
-        y, r = ops.qk_norm_forward(qk_norm_view(qk, p), p.weight, p.eps)
-        normed.append(_heads(y, p))
-        rstd.append(r)
-    return torch.cat(normed, dim=-2), tuple(rstd)
+def _qk_norm(parts, qk):
+    """qk (B, S, H + Hkv, D) -> normed qk (a new tensor), one qk_norm_op per QKNormPart."""
+    return torch.cat([_heads(qk_norm_op(qk_norm_view(qk, p), p.weight, p.eps, validate=False)[0], p)
+                      for p in parts], dim=-2)
 
 
-def _qk_norm_backward(ops, parts, d_qk, pre, rstd):
-    """d_qk (B, S, H + Hkv, D) gradient of the normed q and k -> gradient of q and k before the norm."""
-    return torch.cat([_heads(ops.qk_norm_backward(qk_norm_view(d_qk, p), qk_norm_view(pre, p), p.weight, r), p)
-                      for p, r in zip(parts, rstd)], dim=-2)
+def _qk_norm_backward(parts, d_qk, pre):
+    """d_qk (B, S, H + Hkv, D) gradient of the normed q and k -> gradient of q and k before the norm (each
+    part's rstd recomputed inside qk_norm_backward_op, so its derivatives are total)."""
+    return torch.cat([_heads(qk_norm_backward_op(qk_norm_view(d_qk, p), qk_norm_view(pre, p), p.weight, p.eps,
+                                                 validate=False), p) for p in parts], dim=-2)
 
 
 def _qkv_gradient(spec, dq, dk, dv):
@@ -77,14 +76,14 @@ def attention_forward(plan, i, a, addend=None):
     the bias (it is in addend: sublayers.down_linears); RecomputedAttention)."""
     spec, ops, H = plan.spec, plan.ops, plan.spec.num_heads
     q, k, v, qk = split_qkv(spec, linear(a, plan.qkv[i]))
-    pre = rstd = None
+    pre = None
     if plan.qk_norm[i] is not None:
         pre = qk
-        qk, rstd = _qk_norm(ops, plan.qk_norm[i], qk)
+        qk = _qk_norm(plan.qk_norm[i], qk)
         q, k = qk[..., :H, :], qk[..., H:, :]
     q, k = _rotate(ops, q, plan.tables[i]), _rotate(ops, k, plan.tables[i])
     o = attention_op(q, k, v, plan.full_lengths, spec.attn_scale, backend=plan.op_backend, validate=False)
-    return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, rstd, o.shape)
+    return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, o.shape)
 
 
 def attention_backward(plan, i, g, saved):
@@ -96,8 +95,7 @@ def attention_backward(plan, i, g, saved):
     dq = _rotate(ops, dq, plan.tables[i], inverse=True)
     dk = _rotate(ops, dk, plan.tables[i], inverse=True)
     if saved.qk_pre_norm is not None:
-        d_qk = _qk_norm_backward(ops, plan.qk_norm[i], torch.cat((dq, dk), dim=-2), saved.qk_pre_norm,
-                                 saved.qk_rstd)
+        d_qk = _qk_norm_backward(plan.qk_norm[i], torch.cat((dq, dk), dim=-2), saved.qk_pre_norm)
         dq, dk = d_qk[..., :H, :], d_qk[..., H:, :]
     return linear_input_grad(_qkv_gradient(spec, dq, dk, dv), plan.qkv[i])
 

@@ -3,8 +3,8 @@ differentiable per-step losses under "first" and "second", with memory flat in K
 
 Forward: the engine's first-order steps without autograd (the captured CUDA graph where the first-order
 write would replay it, else the eager loop), keeping M_0 .. M_{K-1} (B*m*d each), nothing of the steps'
-activations. Backward: for k = K-1 .. 0, step k is recomputed with
-the ops' twins under autograd (recompute.py) and the vector-Jacobian product of
+activations. Backward: for k = K-1 .. 0, step k is recomputed under autograd with ops that differentiate
+twice (recompute.py) and the vector-Jacobian product of
 (M_{k+1} = M_k - lr * clip(g(M_k)), loss_k) with respect to M_k and every parameter that requires grad
 is formed; that step's graph is freed before the next one is built.
 """

@@ -1,6 +1,7 @@
 """Meta-gradients through the fast write on CUDA: float32 against the float64 reference, bf16 within 2x the
 error of the bf16 reference loop, and peak device memory flat in K. The forward runs the engine's kernels
-(op backend "auto"); the backward's recompute runs the ops' twins on the device."""
+(op backend "auto"); the backward's recompute runs attention and the head + loss on their Triton kernels
+and the other ops' written second-order rules on the device."""
 import copy
 
 import pytest

@@ -10,6 +10,7 @@ import gradmem_fast.kernels.attention_double_backward as kernels  # imported whi
 from gradmem_fast.ops.attention import attention_forward_reference
 from gradmem_fast.ops.attention_double_backward import (attention_double_backward_reference, attention_op,
                                                          attention_op_backward_reference)
+import helpers
 from helpers import rel_err
 
 pytestmark = pytest.mark.needs_triton  # every test here launches Triton (interpreter or GPU)
@@ -61,14 +62,7 @@ def plain_torch(x):
 
 
 def assert_accuracy(got, want, x, rtol, ratio):
-    """fp32: relative error under rtol; half precision: within `ratio` x the plain torch error."""
-    plain = plain_torch(x) if rtol is None else (None,) * 4
-    for a, b, p in zip(got, want, plain):
-        assert a.dtype == x["q"].dtype and a.shape == b.shape
-        if rtol is not None:
-            assert rel_err(a, b) < rtol
-        else:
-            assert rel_err(a, b) <= ratio * rel_err(p, b), (rel_err(a, b), rel_err(p, b))
+    helpers.assert_accuracy(got, want, x["q"].dtype, rtol, ratio, lambda: plain_torch(x))
 
 
 ACCURACY = [(torch.float32, 1e-5, None), (torch.float16, None, 2.0)]

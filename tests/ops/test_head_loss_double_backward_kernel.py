@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from gradmem_fast.ops.head_loss_double_backward import (head_loss_double_backward,
                                                          head_loss_double_backward_reference, head_loss_op)
 import gradmem_fast.kernels.head_loss_double_backward as kernels  # imported while the interpreter is on
+import helpers
 from helpers import poison_, rel_err
 from test_head_loss_double_backward import make_inputs, vjp
 from test_kernel_limits import MAX_GRID, launches, meta  # noqa: F401 (launches is a fixture)
@@ -51,14 +52,7 @@ def plain_torch(x):
 
 
 def assert_accuracy(got, want, x, rtol, ratio):
-    """fp32: relative error under rtol; half precision: within `ratio` x the plain torch error."""
-    plain = plain_torch(x) if rtol is None else (None, None)
-    for a, b, p in zip(got, want, plain):
-        assert a.dtype == x["hidden"].dtype
-        if rtol is not None:
-            assert rel_err(a, b) < rtol
-        else:
-            assert rel_err(a, b) <= ratio * rel_err(p, b), (rel_err(a, b), rel_err(p, b))
+    helpers.assert_accuracy(got, want, x["hidden"].dtype, rtol, ratio, lambda: plain_torch(x))
 
 
 ACCURACY = [(torch.float32, 1e-5, None), (torch.float16, None, 2.0)]

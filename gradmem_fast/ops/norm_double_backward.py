@@ -1,0 +1,254 @@
+"""Residual add + norm and the grouped q/k RMS norm as ops differentiable twice, their double backward written
+out (derivation: norm_double_backward.md).
+
+    y, residual_out, stats = add_norm_op(x, residual, weight, bias, eps, kind)
+    dx = add_norm_backward_op(dy, residual_out, weight, eps, kind)
+    y, rstd = qk_norm_op(x, weight, eps)
+    dx = qk_norm_backward_op(dy, x, weight, eps)
+
+The forward values are those of the twins in add_norm.py and qk_norm.py (float32 math, float64 for float64
+inputs, results in the input dtype). The forward ops are differentiable in the input(s), weight and bias; their
+backward calls the backward op and plain torch ops, so it is differentiable again. `stats` and `rstd` are
+returned non-differentiable. The backward ops recompute the row statistics from their input (they take no
+stats), so their derivatives are total; their autograd nodes save only their three tensor inputs (the forward
+ops' nodes: residual_out and weight, x and weight). The backward ops' own backward is the written double
+backward (the `*_double_backward_reference` twins), plain torch ops, which autograd can differentiate once
+more (a third derivative).
+"""
+import math
+
+import torch
+
+from .add_norm import KINDS, add_norm_backward_reference, add_norm_forward_reference
+from .dtypes import acc_dtype
+from .qk_norm import qk_norm_backward_reference, qk_norm_forward_reference
+
+
+def _row_stats(h, eps, kind):
+    """(mean, rstd) per row of h (rows, d) in h's dtype, the operations of add_norm_forward_reference."""
+    if kind == "rms":
+        return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device), torch.rsqrt(h.square().mean(-1) + eps)
+    mean = h.mean(-1)
+    return mean, torch.rsqrt((h - mean[:, None]).square().mean(-1) + eps)
+
+
+def _xhat_rows(residual_out, eps, kind):
+    """The normalised rows (rows, d) of residual_out in the acc dtype, differentiable."""
+    h = residual_out.reshape(-1, residual_out.shape[-1]).to(acc_dtype(residual_out.dtype))
+    mean, rstd = _row_stats(h, eps, kind)
+    return (h - mean[:, None]) * rstd[:, None]
+
+
+def _rms_double_backward(h, g, u, eps):
+    """RMS norm of the rows of h (..., d), g = dy * w, u the cotangent of dx = r (g - xhat mean(g xhat)):
+    (g_bar, h_bar, r, xhat), all in h's dtype. The steps are in norm_double_backward.md."""
+    r = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    xhat = h * r
+    a = (u * xhat).mean(-1, keepdim=True)
+    b = (u * g).mean(-1, keepdim=True)
+    c = (g * xhat).mean(-1, keepdim=True)
+    g_bar = r * (u - a * xhat)
+    h_bar = -r.square() * (c * u + a * g + (b - 3.0 * a * c) * xhat)
+    return g_bar, h_bar, r, xhat
+
+
+# ---------------------------------------------------------------- pure-PyTorch twins of the written rules
+
+
+def add_norm_backward_op_reference(dy, residual_out, weight, eps, kind):
+    """dx like residual_out: add_norm_backward_reference(dy, None, residual_out, weight, stats, kind) with
+    stats recomputed from residual_out."""
+    h = residual_out.reshape(-1, residual_out.shape[-1]).to(acc_dtype(residual_out.dtype))
+    stats = torch.stack(_row_stats(h, eps, kind), dim=1)
+    return add_norm_backward_reference(dy, None, residual_out, weight, stats, kind)
+
+
+def add_norm_double_backward_reference(dy, residual_out, weight, eps, kind, g_dx):
+    """(dy_bar like dy, residual_out_bar like residual_out, weight_bar like weight): the cotangents of
+    <g_dx, dx> with dx = add_norm_backward_op_reference(dy, residual_out, weight, eps, kind)."""
+    d = residual_out.shape[-1]
+    acc = acc_dtype(residual_out.dtype)
+    h = residual_out.reshape(-1, d).to(acc)
+    dyf, u, w = dy.reshape(-1, d).to(acc), g_dx.reshape(-1, d).to(acc), weight.to(acc)
+    g = dyf * w
+    if kind == "rms":
+        g_bar, h_bar, _, _ = _rms_double_backward(h, g, u, eps)
+    else:  # the RMS rule on the centred rows, plus the mean(g) term of dx, then the centring's adjoint
+        g_bar, h_bar, r, xhat = _rms_double_backward(h - h.mean(-1, keepdim=True), g, u, eps)
+        u_mean, g_mean = u.mean(-1, keepdim=True), g.mean(-1, keepdim=True)
+        g_bar = g_bar - r * u_mean
+        h_bar = h_bar + r.square() * (g_mean * u_mean) * xhat
+        h_bar = h_bar - h_bar.mean(-1, keepdim=True)
+    return ((g_bar * w).to(dy.dtype).reshape(dy.shape), h_bar.to(residual_out.dtype).reshape(residual_out.shape),
+            (g_bar * dyf).sum(0).to(weight.dtype))
+
+
+def qk_norm_backward_op_reference(dy, x, weight, eps):
+    """dx like x: qk_norm_backward_reference(dy, x, weight, rstd) with rstd recomputed from x."""
+    return qk_norm_backward_reference(dy, x, weight, torch.rsqrt(x.to(acc_dtype(x.dtype)).square().mean(-1) + eps))
+
+
+def qk_norm_double_backward_reference(dy, x, weight, eps, g_dx):
+    """(dy_bar like dy, x_bar like x, weight_bar like weight (G, D)): the cotangents of <g_dx, dx> with
+    dx = qk_norm_backward_op_reference(dy, x, weight, eps)."""
+    acc = acc_dtype(x.dtype)
+    dyf, w = dy.to(acc), weight.to(acc)
+    g_bar, h_bar, _, _ = _rms_double_backward(x.to(acc), dyf * w, g_dx.to(acc), eps)
+    G, D = x.shape[-2:]
+    return (g_bar * w).to(dy.dtype), h_bar.to(x.dtype), (g_bar * dyf).reshape(-1, G, D).sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------- autograd Functions
+
+
+class _AddNormBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dy, residual_out, weight, eps, kind):
+        ctx.eps, ctx.kind = eps, kind
+        ctx.save_for_backward(dy, residual_out, weight)
+        return add_norm_backward_op_reference(dy, residual_out, weight, eps, kind)
+
+    @staticmethod
+    def backward(ctx, g_dx):
+        dy, residual_out, weight = ctx.saved_tensors
+        return (*add_norm_double_backward_reference(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx), None, None)
+
+
+class _AddNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, kind):
+        ctx.eps, ctx.kind = eps, kind
+        ctx.has_residual, ctx.bias_dtype = residual is not None, None if bias is None else bias.dtype
+        y, residual_out, stats = add_norm_forward_reference(x, residual, weight, bias, eps, kind)
+        ctx.save_for_backward(residual_out, weight)
+        ctx.mark_non_differentiable(stats)
+        return y, residual_out, stats
+
+    @staticmethod
+    def backward(ctx, dy, d_residual_out, _):
+        residual_out, weight = ctx.saved_tensors
+        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind)
+        if d_residual_out is not None:
+            dh = dh + d_residual_out.to(dh.dtype)
+        d = residual_out.shape[-1]
+        dy_rows = dy.reshape(-1, d).to(acc_dtype(residual_out.dtype))
+        dw = (dy_rows * _xhat_rows(residual_out, ctx.eps, ctx.kind)).sum(0).to(weight.dtype)
+        db = None if ctx.bias_dtype is None else dy_rows.sum(0).to(ctx.bias_dtype)
+        return dh, dh if ctx.has_residual else None, dw, db, None, None
+
+
+class _QKNormBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dy, x, weight, eps):
+        ctx.eps = eps
+        ctx.save_for_backward(dy, x, weight)
+        return qk_norm_backward_op_reference(dy, x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, g_dx):
+        dy, x, weight = ctx.saved_tensors
+        return (*qk_norm_double_backward_reference(dy, x, weight, ctx.eps, g_dx), None)
+
+
+class _QKNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.eps = eps
+        y, rstd = qk_norm_forward_reference(x, weight, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, weight = ctx.saved_tensors
+        acc = acc_dtype(x.dtype)
+        xf = x.to(acc)
+        xhat = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
+        dw = (dy.to(acc) * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
+        return _QKNormBackward.apply(dy, x, weight, ctx.eps), dw, None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+
+
+def _check_tensor(name, t, ref=None, ref_name=None):
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if ref is not None and (t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device):
+        raise ValueError(f"{name} ({t.dtype} {tuple(t.shape)} on {t.device}) must match {ref_name} "
+                         f"({ref.dtype} {tuple(ref.shape)} on {ref.device})")
+
+
+def _check_param(name, t, shape, x, x_name):
+    _check_tensor(name, t)
+    if tuple(t.shape) != tuple(shape) or t.device != x.device:
+        raise ValueError(f"{name} must be a {tuple(shape)} tensor on {x.device} (from {x_name} "
+                         f"{tuple(x.shape)}), got {tuple(t.shape)} on {t.device}")
+
+
+def _check_add_norm(x, x_name, weight, bias, eps, kind, others):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _check_eps(eps)
+    _check_tensor(x_name, x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{x_name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    for name, t in others:
+        _check_tensor(name, t, x, x_name)
+    for name, t in (("weight", weight),) + ((("bias", bias),) if bias is not None else ()):
+        _check_param(name, t, x.shape[-1:], x, x_name)
+
+
+def _check_qk_norm(x, weight, eps, others):
+    _check_eps(eps)
+    _check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., G, D), got {tuple(x.shape)}")
+    for name, t in others:
+        _check_tensor(name, t, x, "x")
+    _check_param("weight", weight, x.shape[-2:], x, "x")
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def add_norm_op(x, residual, weight, bias, eps, kind, *, validate=True):
+    """(y, residual_out, stats) as add_norm_forward_reference; differentiable in x, residual, weight and bias
+    (stats is not), with backward add_norm_backward_op, itself differentiable."""
+    if validate:
+        _check_add_norm(x, "x", weight, bias, eps, kind, (("residual", residual),) if residual is not None else ())
+    return _AddNorm.apply(x, residual, weight, bias, float(eps), kind)
+
+
+def add_norm_backward_op(dy, residual_out, weight, eps, kind, *, validate=True):
+    """dx like residual_out, the norm's input gradient of dy (stats recomputed from residual_out);
+    differentiable in dy, residual_out and weight by the written double backward."""
+    if validate:
+        _check_add_norm(residual_out, "residual_out", weight, None, eps, kind, (("dy", dy),))
+    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind)
+
+
+def qk_norm_op(x, weight, eps, *, validate=True):
+    """(y, rstd) as qk_norm_forward_reference, x (..., G, D), weight (G, D); differentiable in x and weight
+    (rstd is not), with backward qk_norm_backward_op."""
+    if validate:
+        _check_qk_norm(x, weight, eps, ())
+    return _QKNorm.apply(x, weight, float(eps))
+
+
+def qk_norm_backward_op(dy, x, weight, eps, *, validate=True):
+    """dx like x (rstd recomputed from x); differentiable in dy, x and weight by the written double backward."""
+    if validate:
+        _check_qk_norm(x, weight, eps, (("dy", dy),))
+    return _QKNormBackward.apply(dy, x, weight, float(eps))
+
+
+__all__ = ["add_norm_backward_op", "add_norm_backward_op_reference", "add_norm_double_backward_reference",
+           "add_norm_op", "qk_norm_backward_op", "qk_norm_backward_op_reference", "qk_norm_double_backward_reference",
+           "qk_norm_op"]
