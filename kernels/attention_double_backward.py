@@ -29,8 +29,9 @@ from .attention_common import LOG2E, LOG2E_FLOAT, block_d, launch, precision, se
 # BLOCK_N keys on both sides. Each program holds four (rows x D) input tiles, two fp32 accumulators of that
 # size and four (BLOCK_M x BLOCK_N) fp32 products, so the tiles are smaller than the first-order kernels'.
 # `scripts/compile_kernels.py --ops attention_double_backward` prints registers and spills for sm_90: these
-# compile without spills in 16 bits at every head dim and in fp32 up to D = 64; fp32 (the FMA path) spills
-# at D >= 128 (up to 2.4 kB per thread on the query side at D = 256), even at the smallest tiles.
+# compile without spills in 16 bits at every head dim and, with Triton 3.8, in fp32 up to D = 64 (3.6: up
+# to D = 32); fp32 (the FMA path) spills at D >= 128 (up to 2.4 kB per thread on the query side at D = 256
+# with 3.8, 5.8 kB with 3.6), even at the smallest tiles.
 DEFAULT_SHAPES = {
     "query": {(False, 16): (64, 32, 8, 2), (False, 32): (64, 32, 8, 2), (False, 64): (64, 32, 8, 2),
               (False, 128): (32, 32, 8, 2), (False, 256): (16, 16, 8, 1),
