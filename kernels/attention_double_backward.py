@@ -218,9 +218,10 @@ def _shape(side, dtype, D, blocks):
 def attention_double_backward(q, k, v, do, o, lse, lengths, scale, gq, gk, gv, *, blocks=None):
     """(q_bar (B, S, Hq, D), k_bar, v_bar (B, S, Hkv, D), do_bar (B, S, Hq, D)) in the inputs' dtype.
 
-    q, do, o, gq (B, S, Hq, D) and k, v, gk, gv (B, S, Hkv, D) of one dtype; o and lse (B, Hq, S) float32 the
-    forward's output and row log-sum-exp; lengths (B,) int32 valid rows per sample; blocks (BLOCK_M, BLOCK_N)
-    overrides the tiles of both kernels (tests)."""
+    q, do, o, gq (B, S, Hq, D) and k, v, gk, gv (B, S, Hkv, D) of one dtype (the caller checks: the op in
+    gradmem_fast/ops/attention_double_backward.py); o the forward's output and lse (B, Hq, S) float32 its row
+    log-sum-exp (natural log); lengths (B,) int32 contiguous, valid rows per sample; blocks (BLOCK_M,
+    BLOCK_N) overrides the tiles of both kernels (tests)."""
     q, gq, do, o = (t.contiguous() for t in (q, gq, do, o))
     k, gk, v, gv = (t.contiguous() for t in (k, gk, v, gv))
     lse = lse.contiguous()

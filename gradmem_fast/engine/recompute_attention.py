@@ -9,7 +9,8 @@ in-place writes into the views that `split` returns, and the engine's attention 
 These functions compute the same values with the same ops and formulas (engine.md, "A layer"; ops/qk_norm.md),
 but the q/k norm's parts are joined by concatenation, every rotation acts on a copy and the q/k/v gradient is
 assembled by concatenation. Attention runs as ops.attention_double_backward's ops, on the write's op backend
-(plan.op_backend): they save q, k, v (and do; o and lse on the kernels), never the (S x S) probabilities, and
+(plan.op_backend): they save q, k, v (and do; o and lse on the kernels, computed once by the forward and
+reused by the backward op), never the (S x S) probabilities, and
 the backward's own derivative is the written-out double backward (flash-style Triton kernels, or the twin).
 The q/k norm runs as ops.norm_double_backward's qk_norm_op / qk_norm_backward_op (the backward recomputes
 rstd from its input), rotary on the twin (linear, its tables constant).
@@ -24,7 +25,7 @@ import torch
 
 from ..models.forward import linear
 from ..models.qkv import split_qkv
-from ..ops.attention_double_backward import attention_backward_op, attention_op
+from ..ops.attention_double_backward import attention_backward_op, attention_op_with_state
 from ..ops.norm_double_backward import qk_norm_backward_op, qk_norm_op
 from .sublayers import AttentionSublayer, linear_input_grad, output_projection, qk_norm_view
 
@@ -36,6 +37,7 @@ class RecomputedAttention(NamedTuple):
     v: torch.Tensor  # (B, S, Hkv, D)
     qk_pre_norm: Optional[torch.Tensor]  # (B, S, H + Hkv, D) q and k before their norm; None without one
     o_shape: torch.Size  # (B, S, H, D)
+    state: Optional[tuple]  # the kernels' (o, lse) for attention_backward_op (attention_op_with_state), or None
 
 
 def _rotate(ops, x, tables, inverse=False):
@@ -82,8 +84,9 @@ def attention_forward(plan, i, a, addend=None):
         qk = _qk_norm(plan.qk_norm[i], qk)
         q, k = qk[..., :H, :], qk[..., H:, :]
     q, k = _rotate(ops, q, plan.tables[i]), _rotate(ops, k, plan.tables[i])
-    o = attention_op(q, k, v, plan.full_lengths, spec.attn_scale, backend=plan.op_backend, validate=False)
-    return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, o.shape)
+    o, state = attention_op_with_state(q, k, v, plan.full_lengths, spec.attn_scale, backend=plan.op_backend,
+                                       validate=False)
+    return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, o.shape, state)
 
 
 def attention_backward(plan, i, g, saved):
@@ -91,7 +94,7 @@ def attention_backward(plan, i, g, saved):
     spec, ops, H = plan.spec, plan.ops, plan.spec.num_heads
     do = linear_input_grad(g, spec.layers[i].o).view(saved.o_shape)
     dq, dk, dv = attention_backward_op(saved.q, saved.k, saved.v, do, plan.full_lengths, spec.attn_scale,
-                                       backend=plan.op_backend, validate=False)
+                                       state=saved.state, backend=plan.op_backend, validate=False)
     dq = _rotate(ops, dq, plan.tables[i], inverse=True)
     dk = _rotate(ops, dk, plan.tables[i], inverse=True)
     if saved.qk_pre_norm is not None:

@@ -26,8 +26,7 @@ class RecomputeOps(Ops):
         return add_norm_op(x, residual, norm.weight, norm.bias, norm.eps, kind, validate=False)
 
     def add_norm_backward(self, dy, d_residual_out, residual_out, norm, stats, kind):
-        dx = add_norm_backward_op(dy, residual_out, norm.weight, norm.eps, kind, validate=False)
-        return dx if d_residual_out is None else dx + d_residual_out.to(dx.dtype)
+        return add_norm_backward_op(dy, residual_out, norm.weight, norm.eps, kind, d_residual_out, validate=False)
 
     def activation_forward(self, activation, pre):
         return activation_op(activation, *pre, validate=False) if activation in GATED else \

@@ -96,7 +96,7 @@ class MetaWrite(torch.autograd.Function):
                                       write_head=setup.write_head, memory_proj=consts.memory_proj,
                                       clip_value=consts.clip_value, clip_norm=consts.clip_norm, losses=losses,
                                       real_rows=setup.real_rows, memories=memories)
-        else:
+        elif setup.steps > 0:
             with torch.no_grad(), on_device(current):
                 plan = build_plan(setup.spec, setup.ops, consts.input_ids, setup.attention_mask, consts.m,
                                   current.dtype, setup.write_head, consts.memory_proj,

@@ -213,6 +213,8 @@ def _check_lengths(name, lengths, B, device):
         raise ValueError(f"{name} must have shape ({B},), got {_shape(lengths)}")
     if lengths.device != device:
         raise ValueError(f"{name} on {lengths.device}, q on {device}")
+    if B > 1 and lengths.stride(0) != 1:  # the kernels read one int32 per sample, stride 1
+        raise ValueError(f"{name} must be contiguous, got stride {lengths.stride(0)}")
 
 
 def _check_scale(scale):

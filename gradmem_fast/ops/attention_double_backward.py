@@ -105,7 +105,7 @@ def _kernel_state(q, k, v, lengths, scale):
     """(o, lse) from the first-order forward kernel (o in q's dtype, lse (B, Hq, S) float32)."""
     from ..kernels.attention import attention_forward as launch
 
-    return launch(q, k, v, lengths.to(torch.int32), scale)
+    return launch(q, k, v, lengths, scale)
 
 
 class _AttentionBackward(torch.autograd.Function):
@@ -120,7 +120,7 @@ class _AttentionBackward(torch.autograd.Function):
         if o is None:
             o, lse = _kernel_state(q, k, v, lengths, scale)
         ctx.save_for_backward(q, k, v, do, lengths, o, lse)
-        return launch(do.contiguous(), q, k, v, o, lse, lengths.to(torch.int32), scale)
+        return launch(do.contiguous(), q, k, v, o, lse, lengths, scale)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
@@ -130,25 +130,30 @@ class _AttentionBackward(torch.autograd.Function):
             from ..kernels.attention_double_backward import attention_double_backward as launch
 
             o, lse = ctx.saved_tensors[5:]
-            bars = launch(q, k, v, do, o, lse, lengths.to(torch.int32), ctx.scale, gq, gk, gv)
+            bars = launch(q, k, v, do, o, lse, lengths, ctx.scale, gq, gk, gv)
         else:
             bars = attention_double_backward_reference(q, k, v, do, lengths, ctx.scale, gq, gk, gv)
         return (*bars, None, None, None, None, None)
 
 
 class _Attention(torch.autograd.Function):
+    """(o, lse): lse (B, Hq, S) float32 on the kernels, an empty tensor on the twin; not differentiable."""
+
     @staticmethod
     def forward(ctx, q, k, v, lengths, scale, use_kernel):
         ctx.scale, ctx.use_kernel = scale, use_kernel
         if not use_kernel:
             ctx.save_for_backward(q, k, v, lengths)
-            return attention_op_forward_reference(q, k, v, lengths, scale)
+            lse = q.new_empty(0, dtype=torch.float32)
+            ctx.mark_non_differentiable(lse)
+            return attention_op_forward_reference(q, k, v, lengths, scale), lse
         o, lse = _kernel_state(q, k, v, lengths, scale)
         ctx.save_for_backward(q, k, v, lengths, o, lse)
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _):
         q, k, v, lengths = ctx.saved_tensors[:4]
         o, lse = (t.detach() for t in ctx.saved_tensors[4:]) if ctx.use_kernel else (None, None)
         return (*_AttentionBackward.apply(q, k, v, do, lengths, ctx.scale, ctx.use_kernel, o, lse), None, None,
@@ -170,6 +175,8 @@ def _check(q, k, v, lengths, scale, do=None):
             raise ValueError(f"{name} is {t.dtype} on {t.device}, q {q.dtype} on {q.device}")
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (q.shape[0],) or lengths.is_floating_point():
         raise ValueError(f"lengths must be an integer tensor of shape ({q.shape[0]},)")
+    if lengths.device != q.device:
+        raise ValueError(f"lengths is on {lengths.device}, q on {q.device}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
 
@@ -180,21 +187,36 @@ def _use_kernel(backend, op, *tensors):
     return attention_use_kernel(check_op_backend(backend), op, *tensors)
 
 
-def attention_backward_op(q, k, v, do, lengths, scale, *, backend="auto", validate=True):
-    """(dq, dk, dv), differentiable: its backward is the double backward (kernels or twin, by backend)."""
+def _lengths(lengths):
+    """lengths as the kernels read them: int32, one element per sample, contiguous."""
+    return lengths.to(torch.int32).contiguous()
+
+
+def attention_backward_op(q, k, v, do, lengths, scale, *, state=None, backend="auto", validate=True):
+    """(dq, dk, dv), differentiable: its backward is the double backward (kernels or twin, by backend).
+    state: the forward's state for these q, k, v from attention_op_with_state (the kernels then skip
+    recomputing o and lse), or None."""
     if validate:
         _check(q, k, v, lengths, scale, do)
     use = _use_kernel(backend, "attention_backward_op", q, k, v, do)
-    return _AttentionBackward.apply(q, k, v, do, lengths, float(scale), use, None, None)
+    o, lse = state if use and state is not None else (None, None)
+    return _AttentionBackward.apply(q, k, v, do, _lengths(lengths), float(scale), use, o, lse)
+
+
+def attention_op_with_state(q, k, v, lengths, scale, *, backend="auto", validate=True):
+    """(o, state): attention_op's o and what attention_backward_op can reuse for the same q, k, v (the
+    kernels' detached o and lse; None on the twins)."""
+    if validate:
+        _check(q, k, v, lengths, scale)
+    use = _use_kernel(backend, "attention_op", q, k, v)
+    o, lse = _Attention.apply(q, k, v, _lengths(lengths), float(scale), use)
+    return o, ((o.detach(), lse) if use else None)
 
 
 def attention_op(q, k, v, lengths, scale, *, backend="auto", validate=True):
     """o, differentiable twice: backward attention_backward_op, double backward the explicit formulas."""
-    if validate:
-        _check(q, k, v, lengths, scale)
-    use = _use_kernel(backend, "attention_op", q, k, v)
-    return _Attention.apply(q, k, v, lengths, float(scale), use)
+    return attention_op_with_state(q, k, v, lengths, scale, backend=backend, validate=validate)[0]
 
 
 __all__ = ["attention_backward_op", "attention_double_backward_reference", "attention_op",
-           "attention_op_backward_reference", "attention_op_forward_reference"]
+           "attention_op_backward_reference", "attention_op_forward_reference", "attention_op_with_state"]

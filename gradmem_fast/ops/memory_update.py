@@ -115,6 +115,8 @@ def memory_update_op(memory, grad, lr, *, clip_value=None, clip_norm=None, valid
                              f"({memory.dtype} {tuple(memory.shape)} on {memory.device})")
         if not isinstance(lr, torch.Tensor) or lr.numel() != 1 or lr.dim() > 1:
             raise ValueError(f"lr must be a one-element tensor of shape () or (1,), got {lr!r}")
+        if lr.requires_grad:
+            raise ValueError("lr requires grad: memory_update_op treats the step size as a constant")
         for name, c in (("clip_value", clip_value), ("clip_norm", clip_norm)):
             if c is not None and not float(c) > 0.0:
                 raise ValueError(f"{name} must be positive or None, got {c!r}")

@@ -55,12 +55,12 @@ def _rms_double_backward(h, g, u, eps):
 # ---------------------------------------------------------------- pure-PyTorch twins of the written rules
 
 
-def add_norm_backward_op_reference(dy, residual_out, weight, eps, kind):
-    """dx like residual_out: add_norm_backward_reference(dy, None, residual_out, weight, stats, kind) with
-    stats recomputed from residual_out."""
+def add_norm_backward_op_reference(dy, residual_out, weight, eps, kind, d_residual_out=None):
+    """dx like residual_out: add_norm_backward_reference(dy, d_residual_out, residual_out, weight, stats, kind)
+    with stats recomputed from residual_out (d_residual_out, when given, added before the one rounding)."""
     h = residual_out.reshape(-1, residual_out.shape[-1]).to(acc_dtype(residual_out.dtype))
     stats = torch.stack(_row_stats(h, eps, kind), dim=1)
-    return add_norm_backward_reference(dy, None, residual_out, weight, stats, kind)
+    return add_norm_backward_reference(dy, d_residual_out, residual_out, weight, stats, kind)
 
 
 def add_norm_double_backward_reference(dy, residual_out, weight, eps, kind, g_dx):
@@ -103,15 +103,18 @@ def qk_norm_double_backward_reference(dy, x, weight, eps, g_dx):
 
 class _AddNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, residual_out, weight, eps, kind):
+    def forward(ctx, dy, residual_out, weight, eps, kind, d_residual_out):
         ctx.eps, ctx.kind = eps, kind
+        ctx.d_residual_dtype = None if d_residual_out is None else d_residual_out.dtype
         ctx.save_for_backward(dy, residual_out, weight)
-        return add_norm_backward_op_reference(dy, residual_out, weight, eps, kind)
+        return add_norm_backward_op_reference(dy, residual_out, weight, eps, kind, d_residual_out)
 
     @staticmethod
     def backward(ctx, g_dx):
         dy, residual_out, weight = ctx.saved_tensors
-        return (*add_norm_double_backward_reference(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx), None, None)
+        bars = add_norm_double_backward_reference(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx)
+        d_residual_bar = None if ctx.d_residual_dtype is None else g_dx.to(ctx.d_residual_dtype)
+        return (*bars, None, None, d_residual_bar)
 
 
 class _AddNorm(torch.autograd.Function):
@@ -127,9 +130,7 @@ class _AddNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, d_residual_out, _):
         residual_out, weight = ctx.saved_tensors
-        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind)
-        if d_residual_out is not None:
-            dh = dh + d_residual_out.to(dh.dtype)
+        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind, d_residual_out)
         d = residual_out.shape[-1]
         dy_rows = dy.reshape(-1, d).to(acc_dtype(residual_out.dtype))
         dw = (dy_rows * _xhat_rows(residual_out, ctx.eps, ctx.kind)).sum(0).to(weight.dtype)
@@ -226,12 +227,14 @@ def add_norm_op(x, residual, weight, bias, eps, kind, *, validate=True):
     return _AddNorm.apply(x, residual, weight, bias, float(eps), kind)
 
 
-def add_norm_backward_op(dy, residual_out, weight, eps, kind, *, validate=True):
-    """dx like residual_out, the norm's input gradient of dy (stats recomputed from residual_out);
-    differentiable in dy, residual_out and weight by the written double backward."""
+def add_norm_backward_op(dy, residual_out, weight, eps, kind, d_residual_out=None, *, validate=True):
+    """dx like residual_out, the norm's input gradient of dy (stats recomputed from residual_out) plus
+    d_residual_out when given (added in the accumulation dtype, as add_norm_backward_reference adds it);
+    differentiable in dy, residual_out, weight (the written double backward) and d_residual_out."""
     if validate:
-        _check_add_norm(residual_out, "residual_out", weight, None, eps, kind, (("dy", dy),))
-    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind)
+        others = (("dy", dy),) + ((("d_residual_out", d_residual_out),) if d_residual_out is not None else ())
+        _check_add_norm(residual_out, "residual_out", weight, None, eps, kind, others)
+    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind, d_residual_out)
 
 
 def qk_norm_op(x, weight, eps, *, validate=True):

@@ -184,6 +184,7 @@ BAD = [  # (arguments replaced, expected message)
     (lambda a: dict(k=torch.randn(2, 5, 3, 16), v=torch.randn(2, 5, 3, 16)), "multiple of kv heads"),
     (lambda a: dict(lengths=a["lengths"].long()), "lengths must be int32"),
     (lambda a: dict(lengths=a["lengths"][:1]), r"lengths must have shape \(2,\)"),
+    (lambda a: dict(lengths=torch.tensor([[5, 0], [3, 0]], dtype=torch.int32)[:, 0]), "lengths must be contiguous"),
     (lambda a: dict(scale=float("nan")), "scale"),
     (lambda a: dict(scale=-1.0), "scale"),
     (lambda a: dict(q=a["q"].to(torch.int32)), "floating point"),

@@ -8,8 +8,9 @@ import torch
 
 import gradmem_fast.kernels.attention_double_backward as kernels  # imported while the interpreter is on
 from gradmem_fast.ops.attention import attention_forward_reference
-from gradmem_fast.ops.attention_double_backward import (attention_double_backward_reference, attention_op,
-                                                         attention_op_backward_reference)
+from gradmem_fast.ops.attention_double_backward import (attention_backward_op, attention_double_backward_reference,
+                                                         attention_op, attention_op_backward_reference,
+                                                         attention_op_with_state)
 import helpers
 from helpers import rel_err
 
@@ -157,6 +158,33 @@ def test_first_order_of_the_op_is_the_kernel_backward():
         assert rel_err(a, b) < 1e-5
 
 
+def test_strided_lengths():
+    # a column of a (B, 2) tensor: the kernels read lengths with stride 1, so the op hands them a copy
+    x = make_inputs(2, 21, 4, 2, 16, [21, 9], torch.float32, seed=37)
+    x["lengths"] = torch.tensor([[21, 1], [9, 2]], dtype=torch.int32)[:, 0]
+    assert x["lengths"].stride() == (2,)
+    for a, b in zip(second_order(x, "kernel"), float64_twin(x)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_backward_op_reuses_the_forward_state(monkeypatch):
+    import gradmem_fast.kernels.attention as first_order
+
+    x = make_inputs(2, 21, 4, 2, 16, [21, 9], torch.float32, seed=41)
+    q, k, v = (x[n].detach().requires_grad_(True) for n in ("q", "k", "v"))
+    o, state = attention_op_with_state(q, k, v, x["lengths"], x["scale"], backend="kernel")
+    assert state is not None and torch.equal(state[0], o.detach())
+    forwards = []
+    run = first_order.attention_forward
+    monkeypatch.setattr(first_order, "attention_forward", lambda *a, **kw: forwards.append(1) or run(*a, **kw))
+    with_state = attention_backward_op(q, k, v, x["do"], x["lengths"], x["scale"], state=state, backend="kernel")
+    assert not forwards
+    without = attention_backward_op(q, k, v, x["do"], x["lengths"], x["scale"], backend="kernel")
+    assert len(forwards) == 1
+    assert all(torch.equal(a, b) for a, b in zip(with_state, without))
+    assert attention_op_with_state(q, k, v, x["lengths"], x["scale"], backend="reference")[1] is None
+
+
 def test_dispatch_without_interpreter(monkeypatch):
     x = make_inputs(1, 9, 2, 1, 16, [9], torch.float32, seed=29)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -175,6 +203,8 @@ def test_unsupported_inputs_and_bad_backend():
         attention_op(x["q"], x["k"], x["v"], x["lengths"], x["scale"], backend="triton")
     with pytest.raises(ValueError, match="k is torch.float32"):
         attention_op(x["q"], x["k"].float(), x["v"], x["lengths"], x["scale"])
+    with pytest.raises(ValueError, match="lengths is on meta"):
+        attention_op(x["q"], x["k"], x["v"], x["lengths"].to("meta"), x["scale"])
 
 
 # GPT-2's heads (the meta-gpt2 case), Llama-style GQA at head dim 128, Gemma 3's 256: (dtype, shape)

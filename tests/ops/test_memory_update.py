@@ -181,3 +181,5 @@ def test_op_float32_and_errors():
         memory_update_op(memory, grad, lr, clip_norm=0.0)
     with pytest.raises(ValueError, match="lr"):
         memory_update_op(memory, grad, 0.1)
+    with pytest.raises(ValueError, match="lr requires grad"):
+        memory_update_op(memory, grad, lr.float().requires_grad_(True))

@@ -26,8 +26,8 @@ def _rand(*shape, seed, dtype=torch.float64, grad=True, shift=0.3):
 
 
 def _add_inputs(shape, seed=0, dtype=torch.float64, w_dtype=None, grad=True):
-    d = shape[-1]
     """(x, residual, weight, bias), or as (dy, residual_out, weight, _); seeds seed .. seed + 3."""
+    d = shape[-1]
     w_dtype = w_dtype or dtype
     return (_rand(*shape, seed=seed, dtype=dtype, grad=grad), _rand(*shape, seed=seed + 1, dtype=dtype, grad=grad),
             _rand(d, seed=seed + 2, dtype=w_dtype, grad=grad), _rand(d, seed=seed + 3, dtype=w_dtype, grad=grad))
@@ -43,6 +43,21 @@ def test_gradcheck_and_third_derivative_of_add_norm_backward_op(kind, shape):
     fn = lambda *a: add_norm_backward_op(*a, EPS, kind)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (dy, h, w))
     assert torch.autograd.gradgradcheck(fn, (dy, h, w))  # the written double backward, differentiated again
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_norm_backward_op_with_a_residual_gradient(kind):
+    # d_residual_out is added before the one rounding, as add_norm_backward_reference adds it
+    dy, h, w, _ = _add_inputs((5, 6), seed=11)
+    d_res = _rand(5, 6, seed=15)
+    fn = lambda dy, h, w, d_res: add_norm_backward_op(dy, h, w, EPS, kind, d_res)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (dy, h, w, d_res))
+    assert torch.autograd.gradgradcheck(fn, (dy, h, w, d_res))
+    for dtype in (torch.float32, torch.float16):
+        args = [t.detach().to(dtype) for t in (dy, h, w, d_res)]
+        stats = add_norm_forward_reference(args[1], None, args[2], None, EPS, kind)[2]
+        assert torch.equal(add_norm_backward_op(*args[:3], EPS, kind, args[3]),
+                           add_norm_backward_reference(args[0], args[3], args[1], args[2], stats, kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
