@@ -12,7 +12,7 @@ what GRADMEM_FAST_AUTOTUNE=0 launches (one config per kernel, dtype and head dim
     python scripts/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128,256] [-j 2]
                                       [--autotune 0]
                                       [--ops attention,attention_double_backward,head_loss,head_loss_double_backward,
-                                             qk_norm,geglu]
+                                             qk_norm,geglu,norm_double_backward,activation_double_backward]
 """
 import argparse
 import concurrent.futures as cf
@@ -127,7 +127,34 @@ def geglu_launches(dtype, n=1 << 20):
     geglu_bwd(_rand((n,), dtype), gate, up, torch.empty_like(gate), torch.empty_like(up))
 
 
-OPS = ("attention", "attention_double_backward", "head_loss", "head_loss_double_backward", "qk_norm", "geglu")
+def norm_double_backward_launches(dtype, d, N=64):
+    """The norms' double backward: RMS and LayerNorm rows of width d, and the q/k norm (N, 24, 128) when
+    d is a head dim."""
+    from gradmem_fast.kernels.norm_double_backward import norm_double_backward
+
+    if d <= 256:
+        x, w = _rand((N, 24, d), dtype), _rand((24, d), dtype)
+        norm_double_backward(_rand(x.shape, dtype), x, w, _rand(x.shape, dtype), 1e-6, False)
+        return
+    x, w = _rand((N, d), dtype), _rand((d,), dtype)
+    for is_layer in (False, True):
+        norm_double_backward(_rand(x.shape, dtype), x, w, _rand(x.shape, dtype), 1e-5, is_layer)
+
+
+def activation_double_backward_launches(dtype, n=1 << 20):
+    """Every activation's double backward, all output cotangents given and (gated) one missing."""
+    from gradmem_fast.kernels.activation_double_backward import activation_double_backward
+
+    dy, a, b = (_rand((n,), dtype) for _ in range(3))
+    for kind in ("swiglu", "geglu_tanh"):
+        activation_double_backward(kind, dy, (a, b), (_rand((n,), dtype), _rand((n,), dtype)))
+        activation_double_backward(kind, dy, (a, b), (_rand((n,), dtype), None))
+    for kind in ("gelu_tanh", "gelu"):
+        activation_double_backward(kind, dy, (a,), (_rand((n,), dtype),))
+
+
+OPS = ("attention", "attention_double_backward", "head_loss", "head_loss_double_backward", "qk_norm", "geglu",
+       "norm_double_backward", "activation_double_backward")
 
 
 def collect(dtypes, head_dims, ops=OPS):
@@ -154,6 +181,11 @@ def collect(dtypes, head_dims, ops=OPS):
                 qk_norm_launches(dtype, D, G=24 if D <= 256 else 1)
         if "geglu" in ops:
             geglu_launches(dtype)
+        if "norm_double_backward" in ops:
+            for d in (*head_dims, 768, 2048, 4096, 8192):
+                norm_double_backward_launches(dtype, d)
+        if "activation_double_backward" in ops:
+            activation_double_backward_launches(dtype)
 
 
 def specialise(fn, args, kwargs):

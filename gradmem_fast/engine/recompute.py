@@ -1,7 +1,7 @@
 """One write step recomputed under autograd: the step's loss and its gradient g(M) = grad_M sum_b L_b(M) as
 differentiable functions of the memory and of every weight (second_order.md).
 
-The engine's hand-written backward runs on ops that differentiate twice (recompute_ops.RECOMPUTE_OPS: add +
+The engine's hand-written backward runs on ops that differentiate twice (recompute_ops.RecomputeOps: add +
 norm and the activations as ops whose backward is a written second-order rule, rotary on its linear twin;
 attention, q/k norm and the head + loss as their own such ops), so its output g is a graph that autograd
 differentiates once more (reverse over reverse) and whose nodes save only the ops' inputs. The layers are the engine's
@@ -26,7 +26,7 @@ from ..ops.memory_update import memory_update_op
 from .layers import layer_backward, layer_forward
 from .plan import fold_norm_offsets
 from .recompute_attention import OUT_OF_PLACE_ATTENTION
-from .recompute_ops import RECOMPUTE_OPS
+from .recompute_ops import recompute_ops_for
 from .sublayers import down_linears, qk_norm_parts, qkv_linears
 
 
@@ -67,7 +67,7 @@ class RecomputePlan:
     model's parameters under the current grad mode, so the fused q/k/v weights, folded biases, q/k norm
     weights and norm offsets are in the step's graph."""
     spec: Any  # models.spec.ModelSpec, norm offsets folded (plan.fold_norm_offsets)
-    ops: Any  # recompute_ops.RECOMPUTE_OPS
+    ops: Any  # recompute_ops.RecomputeOps on the write's op backend
     qkv: tuple  # per layer, the q/k/v projection as one Linear (sublayers.qkv_linears)
     down: tuple  # per layer, the MLP down projection as the engine runs it (sublayers.down_linears)
     qk_norm: tuple  # per layer, the q/k norm's parts (sublayers.qk_norm_parts), or None
@@ -81,14 +81,15 @@ def layer_plan(model, consts):
     """The RecomputePlan of one step. Rotary tables depend on no weight (the inv_freq buffers); one set per
     distinct rotary (per-layer rotary: Gemma 3's local layers)."""
     spec = fold_norm_offsets(describe(model))
+    ops = recompute_ops_for(consts.op_backend)
     positions = torch.arange(consts.m + consts.input_ids.shape[1], device=consts.input_ids.device)
     by_rotary, tables = {}, []
     for layer in spec.layers:
         rotary = layer_rotary(spec, layer)
         if rotary is not None and id(rotary) not in by_rotary:
-            by_rotary[id(rotary)] = (*RECOMPUTE_OPS.rotary_tables(rotary, positions), rotary)
+            by_rotary[id(rotary)] = (*ops.rotary_tables(rotary, positions), rotary)
         tables.append(None if rotary is None else by_rotary[id(rotary)])
-    return RecomputePlan(spec=spec, ops=RECOMPUTE_OPS, qkv=qkv_linears(spec), down=down_linears(spec),
+    return RecomputePlan(spec=spec, ops=ops, qkv=qkv_linears(spec), down=down_linears(spec),
                          qk_norm=qk_norm_parts(spec), tables=tuple(tables), full_lengths=consts.full_lengths,
                          attention=OUT_OF_PLACE_ATTENTION, op_backend=consts.op_backend)
 

@@ -12,8 +12,8 @@ assembled by concatenation. Attention runs as ops.attention_double_backward's op
 (plan.op_backend): they save q, k, v (and do; o and lse on the kernels, computed once by the forward and
 reused by the backward op), never the (S x S) probabilities, and
 the backward's own derivative is the written-out double backward (flash-style Triton kernels, or the twin).
-The q/k norm runs as ops.norm_double_backward's qk_norm_op / qk_norm_backward_op (the backward recomputes
-rstd from its input), rotary on the twin (linear, its tables constant).
+The q/k norm runs as ops.norm_double_backward's qk_norm_op / qk_norm_backward_op on the same backend (the
+backward recomputes rstd from its input), rotary on the twin (linear, its tables constant).
 
 The plan (recompute.RecomputePlan) holds per layer: qkv (the fused projection, sublayers.qkv_linears), qk_norm
 (sublayers.qk_norm_parts or None) and tables ((cos, sin, rotary) for all S rows, or None).
@@ -53,17 +53,17 @@ def _heads(part_out, part):
     return part_out.reshape(*part_out.shape[:-2], part.stop - part.start, -1)
 
 
-def _qk_norm(parts, qk):
+def _qk_norm(parts, qk, backend):
     """qk (B, S, H + Hkv, D) -> normed qk (a new tensor), one qk_norm_op per QKNormPart."""
-    return torch.cat([_heads(qk_norm_op(qk_norm_view(qk, p), p.weight, p.eps, validate=False)[0], p)
-                      for p in parts], dim=-2)
+    return torch.cat([_heads(qk_norm_op(qk_norm_view(qk, p), p.weight, p.eps, backend=backend, validate=False)[0],
+                             p) for p in parts], dim=-2)
 
 
-def _qk_norm_backward(parts, d_qk, pre):
+def _qk_norm_backward(parts, d_qk, pre, backend):
     """d_qk (B, S, H + Hkv, D) gradient of the normed q and k -> gradient of q and k before the norm (each
     part's rstd recomputed inside qk_norm_backward_op, so its derivatives are total)."""
     return torch.cat([_heads(qk_norm_backward_op(qk_norm_view(d_qk, p), qk_norm_view(pre, p), p.weight, p.eps,
-                                                 validate=False), p) for p in parts], dim=-2)
+                                                 backend=backend, validate=False), p) for p in parts], dim=-2)
 
 
 def _qkv_gradient(spec, dq, dk, dv):
@@ -81,7 +81,7 @@ def attention_forward(plan, i, a, addend=None):
     pre = None
     if plan.qk_norm[i] is not None:
         pre = qk
-        qk = _qk_norm(plan.qk_norm[i], qk)
+        qk = _qk_norm(plan.qk_norm[i], qk, plan.op_backend)
         q, k = qk[..., :H, :], qk[..., H:, :]
     q, k = _rotate(ops, q, plan.tables[i]), _rotate(ops, k, plan.tables[i])
     o, state = attention_op_with_state(q, k, v, plan.full_lengths, spec.attn_scale, backend=plan.op_backend,
@@ -98,7 +98,7 @@ def attention_backward(plan, i, g, saved):
     dq = _rotate(ops, dq, plan.tables[i], inverse=True)
     dk = _rotate(ops, dk, plan.tables[i], inverse=True)
     if saved.qk_pre_norm is not None:
-        d_qk = _qk_norm_backward(plan.qk_norm[i], torch.cat((dq, dk), dim=-2), saved.qk_pre_norm)
+        d_qk = _qk_norm_backward(plan.qk_norm[i], torch.cat((dq, dk), dim=-2), saved.qk_pre_norm, plan.op_backend)
         dq, dk = d_qk[..., :H, :], d_qk[..., H:, :]
     return linear_input_grad(_qkv_gradient(spec, dq, dk, dv), plan.qkv[i])
 

@@ -1,27 +1,48 @@
 """Residual add + norm and the grouped q/k RMS norm as ops differentiable twice, their double backward written
 out (derivation: norm_double_backward.md).
 
-    y, residual_out, stats = add_norm_op(x, residual, weight, bias, eps, kind)
-    dx = add_norm_backward_op(dy, residual_out, weight, eps, kind)
-    y, rstd = qk_norm_op(x, weight, eps)
-    dx = qk_norm_backward_op(dy, x, weight, eps)
+    y, residual_out, stats = add_norm_op(x, residual, weight, bias, eps, kind, backend="auto")
+    dx = add_norm_backward_op(dy, residual_out, weight, eps, kind, backend="auto")
+    y, rstd = qk_norm_op(x, weight, eps, backend="auto")
+    dx = qk_norm_backward_op(dy, x, weight, eps, backend="auto")
 
-The forward values are those of the twins in add_norm.py and qk_norm.py (float32 math, float64 for float64
-inputs, results in the input dtype). The forward ops are differentiable in the input(s), weight and bias; their
-backward calls the backward op and plain torch ops, so it is differentiable again. `stats` and `rstd` are
-returned non-differentiable. The backward ops recompute the row statistics from their input (they take no
-stats), so their derivatives are total; their autograd nodes save only their three tensor inputs (the forward
-ops' nodes: residual_out and weight, x and weight). The backward ops' own backward is the written double
-backward (the `*_double_backward_reference` twins), plain torch ops, which autograd can differentiate once
-more (a third derivative).
+The forward values are those of the first-order public functions run with the op's backend:
+`add_norm.add_norm_forward` / `add_norm_backward` (CUDA C++ kernels on CUDA, their twins elsewhere) and
+`qk_norm.qk_norm_forward` / `qk_norm_backward` (Triton kernels on CUDA or under the Triton interpreter); the
+backward ops take the row statistics from a forward call on their input. The twins compute in float32
+(float64 for float64 inputs), results in the input dtype. The forward ops are differentiable in the input(s),
+weight and bias; their backward calls the backward op and plain torch ops, so it is differentiable again.
+`stats` and `rstd` are returned non-differentiable. The backward ops recompute the row statistics from their
+input (they take no stats), so their derivatives are total; their autograd nodes save only their three tensor
+inputs (the forward ops' nodes: residual_out and weight, x and weight). The backward ops' own backward is the
+written double backward, `add_norm_double_backward` / `qk_norm_double_backward`: a row-wise Triton kernel
+(kernels/norm_double_backward.py) where it can run, else the `*_double_backward_reference` twins. Under
+create_graph (grad mode on inside the backward) it is the twin, plain torch ops, which autograd can
+differentiate once more (a third derivative).
+
+backend (every op and double backward here): "auto" takes the kernels where they can run, else the twins (a
+warning once per reason, none for tensors where a kernel does not run by design, e.g. on the CPU); "kernel"
+raises RuntimeError where one cannot run (so `add_norm_op` / `add_norm_backward_op` with "kernel" need the
+CUDA C++ kernels of add_norm.py for their first-order values); "reference" takes the twins throughout. The
+double-backward kernel takes float32, float16 and bfloat16 (bfloat16 not under the interpreter), rows up to
+DOUBLE_BACKWARD_MAX_D long and up to 65535 q/k groups.
 """
 import math
 
 import torch
 
-from .add_norm import KINDS, add_norm_backward_reference, add_norm_forward_reference
+from .._triton import KERNEL_DTYPES, elementwise_reason, interpreter_on
+from ..backends import as_reason, check_op_backend, on_host, use_kernel
+from .add_norm import KINDS, add_norm_backward, add_norm_backward_reference, add_norm_forward
 from .dtypes import acc_dtype
-from .qk_norm import qk_norm_backward_reference, qk_norm_forward_reference
+from .qk_norm import _rows3 as _qk_rows3
+from .qk_norm import kernel_reason as _qk_first_order_reason
+from .qk_norm import qk_norm_backward, qk_norm_backward_reference, qk_norm_forward
+
+# the longest row the double-backward kernel takes (kernels/norm_double_backward.py MAX_D), and the most q/k
+# groups (its grid's second dimension)
+DOUBLE_BACKWARD_MAX_D = 8192
+DOUBLE_BACKWARD_MAX_GROUPS = 65535
 
 
 def _row_stats(h, eps, kind):
@@ -98,31 +119,105 @@ def qk_norm_double_backward_reference(dy, x, weight, eps, g_dx):
     return (g_bar * w).to(dy.dtype), h_bar.to(x.dtype), (g_bar * dyf).reshape(-1, G, D).sum(0).to(weight.dtype)
 
 
+# ---------------------------------------------------------------- the double backward: kernel or twin
+
+
+def double_backward_kernel_reason(dy, h, weight, g_dx):
+    """None when the double-backward Triton kernel can take these tensors (h the norm's input: residual_out,
+    or the q/k norm's x; weight (d,) or (G, D)), else the backends.Reason. Tensors not on CUDA take the twin by
+    design (no warning under "auto")."""
+    why = elementwise_reason(h, dy, weight, g_dx)
+    if why is None:
+        for name, t in (("dy", dy), ("weight", weight), ("g_dx", g_dx)):
+            if t.dtype not in KERNEL_DTYPES:
+                why = f"{name} dtype {t.dtype} (the kernel takes float32, float16, bfloat16)"
+            elif t.dtype == torch.bfloat16 and t.device.type == "cpu" and interpreter_on():
+                why = on_host("bfloat16 under the Triton interpreter (its bfloat16 arithmetic is wrong)")
+            if why is not None:
+                break
+    if why is None and h.shape[-1] > DOUBLE_BACKWARD_MAX_D:
+        why = f"row length {h.shape[-1]} (the kernel takes rows up to {DOUBLE_BACKWARD_MAX_D})"
+    if why is None and weight.dim() == 2 and weight.shape[0] > DOUBLE_BACKWARD_MAX_GROUPS:
+        why = f"{weight.shape[0]} groups (the kernel takes up to {DOUBLE_BACKWARD_MAX_GROUPS})"
+    if why is not None and h.device.type != "cuda":
+        why = on_host(as_reason(why).text)
+    return why
+
+
+def _launch_double_backward(dy, h, weight, g_dx, eps, is_layer):
+    from ..kernels.norm_double_backward import norm_double_backward
+
+    dy_bar, h_bar, weight_bar = norm_double_backward(dy, h, weight, g_dx, eps, is_layer)
+    return dy_bar, h_bar, weight_bar.to(weight.dtype)
+
+
+def add_norm_double_backward(dy, residual_out, weight, eps, kind, g_dx, *, backend="auto", validate=True):
+    """(dy_bar like dy, residual_out_bar like residual_out, weight_bar like weight), the values of
+    add_norm_double_backward_reference: the Triton kernel where it can run (double_backward_kernel_reason),
+    else the twin. dy, residual_out, g_dx (..., d) of one shape and dtype, any strides; weight (d,)."""
+    if validate:
+        check_op_backend(backend)
+        _check_add_norm(residual_out, "residual_out", weight, None, eps, kind, (("dy", dy), ("g_dx", g_dx)))
+    why = None if backend == "reference" else double_backward_kernel_reason(dy, residual_out, weight, g_dx)
+    if use_kernel(backend, "add_norm_double_backward", why, "Triton kernel"):
+        return _launch_double_backward(dy, residual_out, weight, g_dx, eps, kind == "layer")
+    return add_norm_double_backward_reference(dy, residual_out, weight, eps, kind, g_dx)
+
+
+def qk_norm_double_backward(dy, x, weight, eps, g_dx, *, backend="auto", validate=True):
+    """(dy_bar like dy, x_bar like x, weight_bar like weight (G, D)), the values of
+    qk_norm_double_backward_reference: the Triton kernel where it can run, else the twin. dy, x, g_dx
+    (..., G, D) of one shape and dtype, any strides (views of a wider (B, S, heads, D) tensor are read in
+    place)."""
+    if validate:
+        check_op_backend(backend)
+        _check_qk_norm(x, weight, eps, (("dy", dy), ("g_dx", g_dx)))
+    why = None if backend == "reference" else double_backward_kernel_reason(dy, x, weight, g_dx)
+    if use_kernel(backend, "qk_norm_double_backward", why, "Triton kernel"):
+        return _launch_double_backward(dy, x, weight, g_dx, eps, False)
+    return qk_norm_double_backward_reference(dy, x, weight, eps, g_dx)
+
+
+def _qk_first_order_backend(backend, *tensors):
+    """The backend for the q/k norm's first-order calls: "auto" on tensors off CUDA that the first-order Triton
+    kernels cannot take (float64 under the interpreter) is "reference", the twin by design with no warning."""
+    if backend == "auto" and tensors[0].device.type != "cuda" and _qk_first_order_reason(*tensors) is not None:
+        return "reference"
+    return backend
+
+
 # ---------------------------------------------------------------- autograd Functions
 
 
 class _AddNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, residual_out, weight, eps, kind, d_residual_out):
-        ctx.eps, ctx.kind = eps, kind
+    def forward(ctx, dy, residual_out, weight, eps, kind, d_residual_out, backend):
+        ctx.eps, ctx.kind, ctx.backend = eps, kind, backend
         ctx.d_residual_dtype = None if d_residual_out is None else d_residual_out.dtype
         ctx.save_for_backward(dy, residual_out, weight)
-        return add_norm_backward_op_reference(dy, residual_out, weight, eps, kind, d_residual_out)
+        stats = add_norm_forward(residual_out, None, weight, None, eps, kind, backend=backend, validate=False)[2]
+        return add_norm_backward(dy, d_residual_out, residual_out, weight, stats, kind, backend=backend,
+                                 validate=False)
 
     @staticmethod
     def backward(ctx, g_dx):
         dy, residual_out, weight = ctx.saved_tensors
-        bars = add_norm_double_backward_reference(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx)
+        if torch.is_grad_enabled():  # create_graph: the twin, differentiable once more
+            bars = add_norm_double_backward_reference(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx)
+        else:
+            bars = add_norm_double_backward(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx, backend=ctx.backend,
+                                            validate=False)
         d_residual_bar = None if ctx.d_residual_dtype is None else g_dx.to(ctx.d_residual_dtype)
-        return (*bars, None, None, d_residual_bar)
+        return (*bars, None, None, d_residual_bar, None)
 
 
 class _AddNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, kind):
-        ctx.eps, ctx.kind = eps, kind
+    def forward(ctx, x, residual, weight, bias, eps, kind, backend):
+        ctx.eps, ctx.kind, ctx.backend = eps, kind, backend
         ctx.has_residual, ctx.bias_dtype = residual is not None, None if bias is None else bias.dtype
-        y, residual_out, stats = add_norm_forward_reference(x, residual, weight, bias, eps, kind)
+        y, residual_out, stats = add_norm_forward(x, residual, weight, bias, eps, kind, backend=backend,
+                                                  validate=False)
         ctx.save_for_backward(residual_out, weight)
         ctx.mark_non_differentiable(stats)
         return y, residual_out, stats
@@ -130,32 +225,42 @@ class _AddNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, d_residual_out, _):
         residual_out, weight = ctx.saved_tensors
-        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind, d_residual_out)
+        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind, d_residual_out, ctx.backend)
         d = residual_out.shape[-1]
         dy_rows = dy.reshape(-1, d).to(acc_dtype(residual_out.dtype))
         dw = (dy_rows * _xhat_rows(residual_out, ctx.eps, ctx.kind)).sum(0).to(weight.dtype)
         db = None if ctx.bias_dtype is None else dy_rows.sum(0).to(ctx.bias_dtype)
-        return dh, dh if ctx.has_residual else None, dw, db, None, None
+        return dh, dh if ctx.has_residual else None, dw, db, None, None, None
 
 
 class _QKNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, x, weight, eps):
-        ctx.eps = eps
+    def forward(ctx, dy, x, weight, eps, backend):
+        ctx.eps, ctx.backend = eps, backend
         ctx.save_for_backward(dy, x, weight)
-        return qk_norm_backward_op_reference(dy, x, weight, eps)
+        G, D = x.shape[-2:]
+        if _qk_rows3(dy, G, D) is None:  # e.g. an expanded cotangent: the first-order kernel reads (N, G, D) views
+            dy = dy.contiguous()
+        backend = _qk_first_order_backend(backend, x, dy, weight)
+        rstd = qk_norm_forward(x, weight, eps, backend=backend, validate=False)[1]
+        return qk_norm_backward(dy, x, weight, rstd, backend=backend, validate=False)
 
     @staticmethod
     def backward(ctx, g_dx):
         dy, x, weight = ctx.saved_tensors
-        return (*qk_norm_double_backward_reference(dy, x, weight, ctx.eps, g_dx), None)
+        if torch.is_grad_enabled():  # create_graph: the twin, differentiable once more
+            bars = qk_norm_double_backward_reference(dy, x, weight, ctx.eps, g_dx)
+        else:
+            bars = qk_norm_double_backward(dy, x, weight, ctx.eps, g_dx, backend=ctx.backend, validate=False)
+        return (*bars, None, None)
 
 
 class _QKNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        ctx.eps = eps
-        y, rstd = qk_norm_forward_reference(x, weight, eps)
+    def forward(ctx, x, weight, eps, backend):
+        ctx.eps, ctx.backend = eps, backend
+        y, rstd = qk_norm_forward(x, weight, eps, backend=_qk_first_order_backend(backend, x, weight),
+                                  validate=False)
         ctx.save_for_backward(x, weight)
         ctx.mark_non_differentiable(rstd)
         return y, rstd
@@ -167,7 +272,7 @@ class _QKNorm(torch.autograd.Function):
         xf = x.to(acc)
         xhat = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
         dw = (dy.to(acc) * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
-        return _QKNormBackward.apply(dy, x, weight, ctx.eps), dw, None
+        return _QKNormBackward.apply(dy, x, weight, ctx.eps, ctx.backend), dw, None, None
 
 
 # ---------------------------------------------------------------- validation
@@ -219,39 +324,47 @@ def _check_qk_norm(x, weight, eps, others):
 # ---------------------------------------------------------------- public functions
 
 
-def add_norm_op(x, residual, weight, bias, eps, kind, *, validate=True):
-    """(y, residual_out, stats) as add_norm_forward_reference; differentiable in x, residual, weight and bias
-    (stats is not), with backward add_norm_backward_op, itself differentiable."""
+def add_norm_op(x, residual, weight, bias, eps, kind, *, backend="auto", validate=True):
+    """(y, residual_out, stats) as add_norm.add_norm_forward(..., backend=backend); differentiable in x,
+    residual, weight and bias (stats is not), with backward add_norm_backward_op, itself differentiable."""
     if validate:
+        check_op_backend(backend)
         _check_add_norm(x, "x", weight, bias, eps, kind, (("residual", residual),) if residual is not None else ())
-    return _AddNorm.apply(x, residual, weight, bias, float(eps), kind)
+    return _AddNorm.apply(x, residual, weight, bias, float(eps), kind, backend)
 
 
-def add_norm_backward_op(dy, residual_out, weight, eps, kind, d_residual_out=None, *, validate=True):
+def add_norm_backward_op(dy, residual_out, weight, eps, kind, d_residual_out=None, *, backend="auto",
+                         validate=True):
     """dx like residual_out, the norm's input gradient of dy (stats recomputed from residual_out) plus
-    d_residual_out when given (added in the accumulation dtype, as add_norm_backward_reference adds it);
-    differentiable in dy, residual_out, weight (the written double backward) and d_residual_out."""
+    d_residual_out when given (added in the accumulation dtype, as add_norm_backward_reference adds it), by
+    add_norm.add_norm_backward(..., backend=backend); differentiable in dy, residual_out, weight (the written
+    double backward, add_norm_double_backward) and d_residual_out."""
     if validate:
+        check_op_backend(backend)
         others = (("dy", dy),) + ((("d_residual_out", d_residual_out),) if d_residual_out is not None else ())
         _check_add_norm(residual_out, "residual_out", weight, None, eps, kind, others)
-    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind, d_residual_out)
+    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind, d_residual_out, backend)
 
 
-def qk_norm_op(x, weight, eps, *, validate=True):
-    """(y, rstd) as qk_norm_forward_reference, x (..., G, D), weight (G, D); differentiable in x and weight
-    (rstd is not), with backward qk_norm_backward_op."""
+def qk_norm_op(x, weight, eps, *, backend="auto", validate=True):
+    """(y, rstd) as qk_norm.qk_norm_forward(..., backend=backend), x (..., G, D), weight (G, D); differentiable
+    in x and weight (rstd is not), with backward qk_norm_backward_op."""
     if validate:
+        check_op_backend(backend)
         _check_qk_norm(x, weight, eps, ())
-    return _QKNorm.apply(x, weight, float(eps))
+    return _QKNorm.apply(x, weight, float(eps), backend)
 
 
-def qk_norm_backward_op(dy, x, weight, eps, *, validate=True):
-    """dx like x (rstd recomputed from x); differentiable in dy, x and weight by the written double backward."""
+def qk_norm_backward_op(dy, x, weight, eps, *, backend="auto", validate=True):
+    """dx like x (rstd recomputed from x), by qk_norm.qk_norm_backward(..., backend=backend); differentiable in
+    dy, x and weight by the written double backward (qk_norm_double_backward)."""
     if validate:
+        check_op_backend(backend)
         _check_qk_norm(x, weight, eps, (("dy", dy),))
-    return _QKNormBackward.apply(dy, x, weight, float(eps))
+    return _QKNormBackward.apply(dy, x, weight, float(eps), backend)
 
 
-__all__ = ["add_norm_backward_op", "add_norm_backward_op_reference", "add_norm_double_backward_reference",
-           "add_norm_op", "qk_norm_backward_op", "qk_norm_backward_op_reference", "qk_norm_double_backward_reference",
-           "qk_norm_op"]
+__all__ = ["DOUBLE_BACKWARD_MAX_D", "add_norm_backward_op", "add_norm_backward_op_reference",
+           "add_norm_double_backward", "add_norm_double_backward_reference", "add_norm_op",
+           "double_backward_kernel_reason", "qk_norm_backward_op", "qk_norm_backward_op_reference",
+           "qk_norm_double_backward", "qk_norm_double_backward_reference", "qk_norm_op"]

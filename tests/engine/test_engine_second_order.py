@@ -19,7 +19,8 @@ from engine_cases import TRITON_OPS, WIDE, cast, fast_kwargs, make_options, refu
 from gradmem_fast.engine import fast_reason, fast_write
 from gradmem_fast.engine.ops import ops_for
 from gradmem_fast.engine.second_order import meta_parameters
-from gradmem_fast.ops import attention, attention_double_backward, head_loss_double_backward
+from gradmem_fast.ops import (activation_double_backward, attention, attention_double_backward,
+                              head_loss_double_backward, norm_double_backward)
 from helpers import FAMILIES, random_batch, rel_err, tiny_model
 from models.hf64 import hf_float64
 
@@ -137,10 +138,13 @@ def test_second_order_gradients_match_reference(family, B, T, lengths, m, steps,
 
 
 # the second-order ops that run as Triton kernels on the write's op backend: attention's forward, backward and
-# double backward (ops.attention_double_backward), the head + loss op's double backward
+# double backward (ops.attention_double_backward), the head + loss op's, the norms' and the activations'
+# double backwards
 SECOND_ORDER_KERNEL_OPS = {
     attention_double_backward: ("attention_op_forward", "attention_op_backward", "attention_double_backward"),
     head_loss_double_backward: ("head_loss_double_backward",),
+    norm_double_backward: ("add_norm_double_backward", "qk_norm_double_backward"),
+    activation_double_backward: ("activation_double_backward",),
 }
 
 
@@ -149,11 +153,14 @@ SECOND_ORDER_KERNEL_OPS = {
     ("llama", 2, 7, [7, 4], 3, 2, None, ("write_head", "memory_proj")),
     ("gemma3_text", 2, 6, [4, 6], 2, 2, 1, ("clip_norm",)),
     ("gpt2", 1, 5, None, 2, 1, None, ()),
+    ("gpt_neox", 2, 5, [5, 3], 2, 1, None, ()),
+    ("olmo2", 1, 6, None, 2, 2, 1, ("write_head",)),
 ])
 def test_second_order_on_the_kernels(family, B, T, lengths, m, steps, second_order_steps, option_names,
                                      monkeypatch):
     """op_backend "auto" under the interpreter: the forward steps on the first-order kernels, the recomputed
-    steps' attention and head + loss double backwards on theirs; a fallback to a twin fails the test."""
+    steps' attention, head + loss, norm and activation double backwards on theirs (rotary and the linears
+    on torch ops); a fallback to a twin fails the test."""
     refuse_twins(monkeypatch, {attention: TRITON_OPS[attention], **SECOND_ORDER_KERNEL_OPS})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
