@@ -7,15 +7,15 @@ import torch
 import triton
 import triton.language as tl
 
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-GELU_C = tl.constexpr(0.044715)
+from .geglu import GELU_C, SQRT_2_OVER_PI
+
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 BLOCK = 1024
 
 # the KIND constexpr of each activation; the gated ones (y = f(gate) * up) come first
 KINDS = {"swiglu": 0, "geglu_tanh": 1, "gelu_tanh": 2, "gelu": 3}
-GATED_KINDS = 2  # KIND < GATED_KINDS: gated
+GATED_KINDS = tl.constexpr(2)  # KIND < GATED_KINDS: gated
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _activation_double_backward_kernel(p_dy, p_g, p_u, p_a, p_b, p_dy_bar, p_g_b
     else:
         b_f, b_f1, b_f2 = _gelu_tanh(b_g)
     b_zero = tl.zeros([BLOCK], dtype=tl.float32)
-    if KIND < 2:  # gated: d_gate = dy u f'(g), d_up = dy f(g)
+    if KIND < GATED_KINDS:  # gated: d_gate = dy u f'(g), d_up = dy f(g)
         b_u = tl.load(p_u + o, mask=m, other=0.0).to(tl.float32)
         if HAS_A:
             b_a = tl.load(p_a + o, mask=m, other=0.0).to(tl.float32)
@@ -116,7 +116,7 @@ def activation_double_backward(kind, dy, pre, grads_bar):
     pre = (pre,) if isinstance(pre, torch.Tensor) else tuple(pre)
     grads_bar = (grads_bar,) if grads_bar is None or isinstance(grads_bar, torch.Tensor) else tuple(grads_bar)
     code = KINDS[kind]
-    gated = code < GATED_KINDS
+    gated = code < GATED_KINDS.value
     if len(pre) != (2 if gated else 1) or len(grads_bar) != len(pre):
         raise ValueError(f"{kind!r} takes {2 if gated else 1} pre tensor(s) and as many cotangents, got "
                          f"{len(pre)} and {len(grads_bar)}")

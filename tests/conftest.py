@@ -39,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
                 break
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warn_once(monkeypatch):
+    """Each test sees the backends' warn-once warnings afresh, whatever ran before it in this process."""
+    from gradmem_fast import backends
+
+    monkeypatch.setattr(backends, "_warned", set())

@@ -4,12 +4,12 @@ differentiable functions of the memory and of every weight (second_order.md).
 The engine's hand-written backward runs on ops that differentiate twice (recompute_ops.RecomputeOps: add +
 norm and the activations as ops whose backward is a written second-order rule, rotary on its linear twin;
 attention, q/k norm and the head + loss as their own such ops), so its output g is a graph that autograd
-differentiates once more (reverse over reverse) and whose nodes save only the ops' inputs. The layers are the engine's
-own (layers.layer_forward / layer_backward, every block structure written once there) with the out-of-place
-attention sublayer of recompute_attention.py. What the fast step caches per write (the layer-0 context rows'
-norm, q/k/v, rotary and context-over-context attention, the fused q/k/v weights, the folded biases and norm
-offsets) depends on the weights, so here it is rebuilt inside the step's graph: layer 0 runs as a full layer
-over all rows.
+differentiates once more (reverse over reverse) and whose nodes save only the ops' inputs. The layers are the
+engine's own (layers.layer_forward / layer_backward, every block structure written once there) with the
+out-of-place attention sublayer of recompute_attention.py. What the fast step caches per write (the layer-0
+context rows' norm, q/k/v, rotary and context-over-context attention, the fused q/k/v weights, the folded
+biases and norm offsets) depends on the weights, so here it is rebuilt inside the step's graph: layer 0 runs
+as a full layer over all rows.
 
 Shapes: B samples, T context tokens, m memory rows, S = m + T, d hidden size.
 """
@@ -74,7 +74,6 @@ class RecomputePlan:
     tables: tuple  # per layer, (cos, sin, rotary) of its rotary for positions 0..S-1, or None
     full_lengths: torch.Tensor  # (B,) int32 m + L_b
     attention: Any  # recompute_attention.OUT_OF_PLACE_ATTENTION
-    op_backend: str  # the attention ops' backend (ops.attention_double_backward): the write's
 
 
 def layer_plan(model, consts):
@@ -91,7 +90,7 @@ def layer_plan(model, consts):
         tables.append(None if rotary is None else by_rotary[id(rotary)])
     return RecomputePlan(spec=spec, ops=ops, qkv=qkv_linears(spec), down=down_linears(spec),
                          qk_norm=qk_norm_parts(spec), tables=tuple(tables), full_lengths=consts.full_lengths,
-                         attention=OUT_OF_PLACE_ATTENTION, op_backend=consts.op_backend)
+                         attention=OUT_OF_PLACE_ATTENTION)
 
 
 def _memory_rows(plan, consts, memory):

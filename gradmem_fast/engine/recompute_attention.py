@@ -9,7 +9,7 @@ in-place writes into the views that `split` returns, and the engine's attention 
 These functions compute the same values with the same ops and formulas (engine.md, "A layer"; ops/qk_norm.md),
 but the q/k norm's parts are joined by concatenation, every rotation acts on a copy and the q/k/v gradient is
 assembled by concatenation. Attention runs as ops.attention_double_backward's ops, on the write's op backend
-(plan.op_backend): they save q, k, v (and do; o and lse on the kernels, computed once by the forward and
+(plan.ops.op_backend): they save q, k, v (and do; o and lse on the kernels, computed once by the forward and
 reused by the backward op), never the (S x S) probabilities, and
 the backward's own derivative is the written-out double backward (flash-style Triton kernels, or the twin).
 The q/k norm runs as ops.norm_double_backward's qk_norm_op / qk_norm_backward_op on the same backend (the
@@ -36,6 +36,7 @@ class RecomputedAttention(NamedTuple):
     k: torch.Tensor  # (B, S, Hkv, D)
     v: torch.Tensor  # (B, S, Hkv, D)
     qk_pre_norm: Optional[torch.Tensor]  # (B, S, H + Hkv, D) q and k before their norm; None without one
+    qk_rstd: Optional[tuple]  # per sublayers.QKNormPart, the rstd qk_norm_op returned (values for the backward)
     o_shape: torch.Size  # (B, S, H, D)
     state: Optional[tuple]  # the kernels' (o, lse) for attention_backward_op (attention_op_with_state), or None
 
@@ -54,16 +55,17 @@ def _heads(part_out, part):
 
 
 def _qk_norm(parts, qk, backend):
-    """qk (B, S, H + Hkv, D) -> normed qk (a new tensor), one qk_norm_op per QKNormPart."""
-    return torch.cat([_heads(qk_norm_op(qk_norm_view(qk, p), p.weight, p.eps, backend=backend, validate=False)[0],
-                             p) for p in parts], dim=-2)
+    """qk (B, S, H + Hkv, D) -> (normed qk, a new tensor; rstd per part), one qk_norm_op per QKNormPart."""
+    normed = [qk_norm_op(qk_norm_view(qk, p), p.weight, p.eps, backend=backend, validate=False) for p in parts]
+    return torch.cat([_heads(y, p) for (y, _), p in zip(normed, parts)], dim=-2), tuple(r for _, r in normed)
 
 
-def _qk_norm_backward(parts, d_qk, pre, backend):
+def _qk_norm_backward(parts, d_qk, pre, rstd, backend):
     """d_qk (B, S, H + Hkv, D) gradient of the normed q and k -> gradient of q and k before the norm (each
-    part's rstd recomputed inside qk_norm_backward_op, so its derivatives are total)."""
+    part's rstd taken as values; qk_norm_backward_op's derivatives recompute it, so they are total)."""
     return torch.cat([_heads(qk_norm_backward_op(qk_norm_view(d_qk, p), qk_norm_view(pre, p), p.weight, p.eps,
-                                                 backend=backend, validate=False), p) for p in parts], dim=-2)
+                                                 rstd=r, backend=backend, validate=False), p)
+                      for p, r in zip(parts, rstd)], dim=-2)
 
 
 def _qkv_gradient(spec, dq, dk, dv):
@@ -78,15 +80,15 @@ def attention_forward(plan, i, a, addend=None):
     the bias (it is in addend: sublayers.down_linears); RecomputedAttention)."""
     spec, ops, H = plan.spec, plan.ops, plan.spec.num_heads
     q, k, v, qk = split_qkv(spec, linear(a, plan.qkv[i]))
-    pre = None
+    pre = rstd = None
     if plan.qk_norm[i] is not None:
         pre = qk
-        qk = _qk_norm(plan.qk_norm[i], qk, plan.op_backend)
+        qk, rstd = _qk_norm(plan.qk_norm[i], qk, plan.ops.op_backend)
         q, k = qk[..., :H, :], qk[..., H:, :]
     q, k = _rotate(ops, q, plan.tables[i]), _rotate(ops, k, plan.tables[i])
-    o, state = attention_op_with_state(q, k, v, plan.full_lengths, spec.attn_scale, backend=plan.op_backend,
-                                       validate=False)
-    return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, o.shape, state)
+    o, state = attention_op_with_state(q, k, v, plan.full_lengths, spec.attn_scale,
+                                       backend=plan.ops.op_backend, validate=False)
+    return output_projection(o, spec.layers[i].o, addend), RecomputedAttention(q, k, v, pre, rstd, o.shape, state)
 
 
 def attention_backward(plan, i, g, saved):
@@ -94,11 +96,12 @@ def attention_backward(plan, i, g, saved):
     spec, ops, H = plan.spec, plan.ops, plan.spec.num_heads
     do = linear_input_grad(g, spec.layers[i].o).view(saved.o_shape)
     dq, dk, dv = attention_backward_op(saved.q, saved.k, saved.v, do, plan.full_lengths, spec.attn_scale,
-                                       state=saved.state, backend=plan.op_backend, validate=False)
+                                       state=saved.state, backend=plan.ops.op_backend, validate=False)
     dq = _rotate(ops, dq, plan.tables[i], inverse=True)
     dk = _rotate(ops, dk, plan.tables[i], inverse=True)
     if saved.qk_pre_norm is not None:
-        d_qk = _qk_norm_backward(plan.qk_norm[i], torch.cat((dq, dk), dim=-2), saved.qk_pre_norm, plan.op_backend)
+        d_qk = _qk_norm_backward(plan.qk_norm[i], torch.cat((dq, dk), dim=-2), saved.qk_pre_norm, saved.qk_rstd,
+                                 plan.ops.op_backend)
         dq, dk = d_qk[..., :H, :], d_qk[..., H:, :]
     return linear_input_grad(_qkv_gradient(spec, dq, dk, dv), plan.qkv[i])
 

@@ -8,8 +8,8 @@ and the hand-written backward's calls are `add_norm_backward_op` / `activation_b
 backward is the written double backward. They run on `backend` (the write's op backend: their first-order
 values on the engine's kernels, their double backward on Triton kernels where those can run, else the
 twins). Each autograd node saves the op's inputs only, not the twin's elementwise intermediates. The norm's
-backward recomputes its row statistics from its input (the `stats` the forward returns are not
-differentiated), so its derivatives are total. Rotary stays on the twin (the Ops methods not overridden
+backward takes the `stats` its forward returned as values only (not differentiated: the double backward
+recomputes them from its input), so its derivatives are total. Rotary stays on the twin (the Ops methods not overridden
 here run on "reference"): it is linear in its input with tables that depend on no weight, so autograd
 saves only the tables. The q/k norm is called by recompute_attention.py directly (qk_norm_op /
 qk_norm_backward_op), which has its eps.
@@ -26,16 +26,17 @@ class RecomputeOps(Ops):
 
     def __init__(self, backend="auto"):
         super().__init__("reference")
-        self.second_order_backend = backend
+        self.op_backend = backend  # the write's, for the ops below and recompute_attention.py's
 
     def _kw2(self):
-        return dict(backend=self.second_order_backend, validate=False)
+        return dict(backend=self.op_backend, validate=False)
 
     def add_norm_forward(self, x, residual, norm, kind):
         return add_norm_op(x, residual, norm.weight, norm.bias, norm.eps, kind, **self._kw2())
 
     def add_norm_backward(self, dy, d_residual_out, residual_out, norm, stats, kind):
-        return add_norm_backward_op(dy, residual_out, norm.weight, norm.eps, kind, d_residual_out, **self._kw2())
+        return add_norm_backward_op(dy, residual_out, norm.weight, norm.eps, kind, d_residual_out, stats=stats,
+                                    **self._kw2())
 
     def activation_forward(self, activation, pre):
         pre = pre if activation in GATED else (pre,)

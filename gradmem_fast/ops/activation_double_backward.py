@@ -25,11 +25,10 @@ import torch
 
 from .._triton import elementwise_reason
 from ..backends import check_op_backend, use_kernel
-from .activation import (_GELU_C, _INV_SQRT_2, _INV_SQRT_2PI, _SQRT_2_OVER_PI, gelu_backward,
-                         gelu_backward_reference, gelu_forward, gelu_forward_reference, swiglu_backward,
-                         swiglu_backward_reference, swiglu_forward, swiglu_forward_reference)
+from .activation import (_GELU_C, _INV_SQRT_2, _INV_SQRT_2PI, _SQRT_2_OVER_PI, gelu_backward, gelu_forward,
+                         swiglu_backward, swiglu_forward)
 from .dtypes import acc_dtype
-from .geglu import geglu_backward, geglu_backward_reference, geglu_forward, geglu_forward_reference
+from .geglu import geglu_backward, geglu_forward
 
 ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu", "geglu_tanh")
 GATED = ("swiglu", "geglu_tanh")
@@ -70,54 +69,16 @@ _DERIVATIVES = {"swiglu": _silu, "geglu_tanh": _gelu_tanh, "gelu_tanh": _gelu_ta
 # ---------------------------------------------------------------- pure-PyTorch twins
 
 
-def activation_forward_reference(kind, *pre):
-    """y in the first pre tensor's dtype: the forward twin of activation.py / geglu.py for kind."""
-    if kind == "swiglu":
-        return swiglu_forward_reference(*pre)
-    if kind == "geglu_tanh":
-        return geglu_forward_reference(*pre)
-    return gelu_forward_reference(*pre, "tanh" if kind == "gelu_tanh" else "none")
-
-
-def activation_backward_reference(kind, dy, *pre):
-    """(d_gate, d_up) for the gated kinds, dx for the others: the backward twin of activation.py / geglu.py."""
-    if kind == "swiglu":
-        return swiglu_backward_reference(dy, *pre)
-    if kind == "geglu_tanh":
-        return geglu_backward_reference(dy, *pre)
-    return gelu_backward_reference(dy, *pre, "tanh" if kind == "gelu_tanh" else "none")
-
-
-def activation_double_backward_reference(kind, dy, pre, grads_bar):
-    """(dy_bar, *pre_bar): the cotangents of dy and of each pre tensor of <grads_bar, activation_backward(dy,
-    *pre)>. pre and grads_bar are tuples like the backward's inputs and outputs (or one tensor for the ungated
-    kinds); a None in grads_bar is a zero cotangent. Computed in float32 (float64 for float64 inputs), each
-    result in its input's dtype. The formulas are in activation_double_backward.md."""
-    pre = (pre,) if isinstance(pre, torch.Tensor) else tuple(pre)
-    grads_bar = (grads_bar,) if grads_bar is None or isinstance(grads_bar, torch.Tensor) else tuple(grads_bar)
-    acc = acc_dtype(pre[0].dtype)
-    zero = torch.zeros((), dtype=acc, device=pre[0].device)
-    a, *rest = (zero if g is None else g.to(acc) for g in grads_bar)  # a: cotangent of d_gate (or dx)
-    dyf, g = dy.to(acc), pre[0].to(acc)
-    f, f1, f2 = _DERIVATIVES[kind](g)
-    if kind not in GATED:  # dx = dy f'(x)
-        return (a * f1).to(dy.dtype), (a * dyf * f2).to(pre[0].dtype)
-    b, u = rest[0], pre[1].to(acc)  # d_gate = dy u f'(g), d_up = dy f(g); b: cotangent of d_up
-    dy_bar = a * u * f1 + b * f
-    g_bar = dyf * (a * u * f2 + b * f1)
-    u_bar = a * dyf * f1
-    return dy_bar.to(dy.dtype), g_bar.to(pre[0].dtype), u_bar.to(pre[1].dtype)
-
-
-# ---------------------------------------------------------------- dispatch
-
-
-# None when the Triton kernel can take these tensors (dy, the pre tensors, the given cotangents), else why not
-kernel_reason = elementwise_reason
-
-
 def _approximate(kind):
     return "tanh" if kind == "gelu_tanh" else "none"
+
+
+def _as_pre(pre):
+    return (pre,) if isinstance(pre, torch.Tensor) else tuple(pre)
+
+
+def _as_bars(grads_bar):
+    return (grads_bar,) if grads_bar is None or isinstance(grads_bar, torch.Tensor) else tuple(grads_bar)
 
 
 def _forward(kind, pre, backend):
@@ -138,12 +99,41 @@ def _backward(kind, dy, pre, backend):
     return gelu_backward(dy, *pre, _approximate(kind), backend=backend, validate=False)
 
 
-def _as_pre(pre):
-    return (pre,) if isinstance(pre, torch.Tensor) else tuple(pre)
+def activation_forward_reference(kind, *pre):
+    """y in the first pre tensor's dtype: the forward twin of activation.py / geglu.py for kind."""
+    return _forward(kind, pre, "reference")
 
 
-def _as_bars(grads_bar):
-    return (grads_bar,) if grads_bar is None or isinstance(grads_bar, torch.Tensor) else tuple(grads_bar)
+def activation_backward_reference(kind, dy, *pre):
+    """(d_gate, d_up) for the gated kinds, dx for the others: the backward twin of activation.py / geglu.py."""
+    return _backward(kind, dy, pre, "reference")
+
+
+def activation_double_backward_reference(kind, dy, pre, grads_bar):
+    """(dy_bar, *pre_bar): the cotangents of dy and of each pre tensor of <grads_bar, activation_backward(dy,
+    *pre)>. pre and grads_bar are tuples like the backward's inputs and outputs (or one tensor for the ungated
+    kinds); a None in grads_bar is a zero cotangent. Computed in float32 (float64 for float64 inputs), each
+    result in its input's dtype. The formulas are in activation_double_backward.md."""
+    pre, grads_bar = _as_pre(pre), _as_bars(grads_bar)
+    acc = acc_dtype(pre[0].dtype)
+    zero = torch.zeros((), dtype=acc, device=pre[0].device)
+    a, *rest = (zero if g is None else g.to(acc) for g in grads_bar)  # a: cotangent of d_gate (or dx)
+    dyf, g = dy.to(acc), pre[0].to(acc)
+    f, f1, f2 = _DERIVATIVES[kind](g)
+    if kind not in GATED:  # dx = dy f'(x)
+        return (a * f1).to(dy.dtype), (a * dyf * f2).to(pre[0].dtype)
+    b, u = rest[0], pre[1].to(acc)  # d_gate = dy u f'(g), d_up = dy f(g); b: cotangent of d_up
+    dy_bar = a * u * f1 + b * f
+    g_bar = dyf * (a * u * f2 + b * f1)
+    u_bar = a * dyf * f1
+    return dy_bar.to(dy.dtype), g_bar.to(pre[0].dtype), u_bar.to(pre[1].dtype)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+# None when the Triton kernel can take these tensors (dy, the pre tensors, the given cotangents), else why not
+kernel_reason = elementwise_reason
 
 
 # ---------------------------------------------------------------- autograd Functions

@@ -30,12 +30,22 @@ def memory_update__reference(memory, grad, lr, *, clip_value=None, clip_norm=Non
     return memory
 
 
+def _check_memory(memory):
+    if memory.dim() != 3 or not memory.is_floating_point():
+        raise ValueError(f"memory must be a float (B, m, d) tensor, got {memory.dtype} {tuple(memory.shape)}")
+
+
+def _check_clips(clip_value, clip_norm):
+    for name, c in (("clip_value", clip_value), ("clip_norm", clip_norm)):
+        if c is not None and not float(c) > 0.0:
+            raise ValueError(f"{name} must be positive or None, got {c!r}")
+
+
 def memory_update_(memory, grad, lr, *, clip_value=None, clip_norm=None, backend="auto", validate=True):
     """memory (B, m, d) -= lr * clip(grad) in place; lr a float32 tensor (0-d or (1,)) on the
     memory's device. grad may be overwritten. Returns memory."""
     if validate:
-        if memory.dim() != 3 or not memory.is_floating_point():
-            raise ValueError(f"memory must be a float (B, m, d) tensor, got {memory.dtype} {tuple(memory.shape)}")
+        _check_memory(memory)
         if grad.shape != memory.shape or not grad.is_floating_point() or grad.device != memory.device:
             raise ValueError(f"grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) must be a float tensor "
                              f"of memory's shape {tuple(memory.shape)} on {memory.device}")
@@ -44,9 +54,7 @@ def memory_update_(memory, grad, lr, *, clip_value=None, clip_norm=None, backend
             raise ValueError(f"lr must be a float32 tensor of shape () or (1,) on {memory.device}, got "
                              + (f"{lr.dtype} {tuple(lr.shape)} on {lr.device}" if isinstance(lr, torch.Tensor)
                                 else repr(lr)))
-        for name, c in (("clip_value", clip_value), ("clip_norm", clip_norm)):
-            if c is not None and not float(c) > 0.0:
-                raise ValueError(f"{name} must be positive or None, got {c!r}")
+        _check_clips(clip_value, clip_norm)
     why = None
     if not memory.is_contiguous():
         why = f"memory is not contiguous (strides {memory.stride()})"
@@ -108,8 +116,7 @@ def memory_update_op(memory, grad, lr, *, clip_value=None, clip_norm=None, valid
     is a constant); its backward is memory_update_backward_reference, itself differentiable. Arguments as
     memory_update_; saves grad and lr only."""
     if validate:
-        if memory.dim() != 3 or not memory.is_floating_point():
-            raise ValueError(f"memory must be a float (B, m, d) tensor, got {memory.dtype} {tuple(memory.shape)}")
+        _check_memory(memory)
         if grad.shape != memory.shape or grad.dtype != memory.dtype or grad.device != memory.device:
             raise ValueError(f"grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) must be like memory "
                              f"({memory.dtype} {tuple(memory.shape)} on {memory.device})")
@@ -117,7 +124,5 @@ def memory_update_op(memory, grad, lr, *, clip_value=None, clip_norm=None, valid
             raise ValueError(f"lr must be a one-element tensor of shape () or (1,), got {lr!r}")
         if lr.requires_grad:
             raise ValueError("lr requires grad: memory_update_op treats the step size as a constant")
-        for name, c in (("clip_value", clip_value), ("clip_norm", clip_norm)):
-            if c is not None and not float(c) > 0.0:
-                raise ValueError(f"{name} must be positive or None, got {c!r}")
+        _check_clips(clip_value, clip_norm)
     return _MemoryUpdate.apply(memory, grad, lr, clip_value, clip_norm)

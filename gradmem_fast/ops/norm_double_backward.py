@@ -9,40 +9,35 @@ out (derivation: norm_double_backward.md).
 The forward values are those of the first-order public functions run with the op's backend:
 `add_norm.add_norm_forward` / `add_norm_backward` (CUDA C++ kernels on CUDA, their twins elsewhere) and
 `qk_norm.qk_norm_forward` / `qk_norm_backward` (Triton kernels on CUDA or under the Triton interpreter); the
-backward ops take the row statistics from a forward call on their input. The twins compute in float32
-(float64 for float64 inputs), results in the input dtype. The forward ops are differentiable in the input(s),
-weight and bias; their backward calls the backward op and plain torch ops, so it is differentiable again.
-`stats` and `rstd` are returned non-differentiable. The backward ops recompute the row statistics from their
-input (they take no stats), so their derivatives are total; their autograd nodes save only their three tensor
-inputs (the forward ops' nodes: residual_out and weight, x and weight). The backward ops' own backward is the
-written double backward, `add_norm_double_backward` / `qk_norm_double_backward`: a row-wise Triton kernel
+backward ops take the row statistics their forward op returned for the same input (`stats=`, `rstd=`), else
+from a forward call on it. The twins compute in float32 (float64 for float64 inputs), results in the input
+dtype. The forward ops are differentiable in the input(s), weight and bias; their backward calls the backward
+op and plain torch ops, so it is differentiable again. `stats` and `rstd` are returned non-differentiable. The
+backward ops' derivatives recompute the row statistics from their input (a `stats` / `rstd` given is used for
+the values only), so they are total; their autograd nodes save only their three tensor inputs (the forward
+ops' nodes: residual_out, weight and stats; x, weight and rstd). The backward ops' own backward is the written
+double backward, `add_norm_double_backward` / `qk_norm_double_backward`: a row-wise Triton kernel
 (kernels/norm_double_backward.py) where it can run, else the `*_double_backward_reference` twins. Under
 create_graph (grad mode on inside the backward) it is the twin, plain torch ops, which autograd can
 differentiate once more (a third derivative).
 
 backend (every op and double backward here): "auto" takes the kernels where they can run, else the twins (a
-warning once per reason, none for tensors where a kernel does not run by design, e.g. on the CPU); "kernel"
-raises RuntimeError where one cannot run (so `add_norm_op` / `add_norm_backward_op` with "kernel" need the
+warning once per reason, none where a kernel does not run by design, e.g. CPU tensors without the
+interpreter); "kernel" raises RuntimeError where one cannot run (so `add_norm_op` / `add_norm_backward_op` with "kernel" need the
 CUDA C++ kernels of add_norm.py for their first-order values); "reference" takes the twins throughout. The
 double-backward kernel takes float32, float16 and bfloat16 (bfloat16 not under the interpreter), rows up to
-DOUBLE_BACKWARD_MAX_D long and up to 65535 q/k groups.
+kernels/norm_double_backward.py's MAX_D long and up to its MAX_GROUPS q/k groups.
 """
 import math
 
 import torch
 
 from .._triton import KERNEL_DTYPES, elementwise_reason, interpreter_on
-from ..backends import as_reason, check_op_backend, on_host, use_kernel
+from ..backends import check_op_backend, on_host, use_kernel
 from .add_norm import KINDS, add_norm_backward, add_norm_backward_reference, add_norm_forward
 from .dtypes import acc_dtype
 from .qk_norm import _rows3 as _qk_rows3
-from .qk_norm import kernel_reason as _qk_first_order_reason
 from .qk_norm import qk_norm_backward, qk_norm_backward_reference, qk_norm_forward
-
-# the longest row the double-backward kernel takes (kernels/norm_double_backward.py MAX_D), and the most q/k
-# groups (its grid's second dimension)
-DOUBLE_BACKWARD_MAX_D = 8192
-DOUBLE_BACKWARD_MAX_GROUPS = 65535
 
 
 def _row_stats(h, eps, kind):
@@ -124,24 +119,23 @@ def qk_norm_double_backward_reference(dy, x, weight, eps, g_dx):
 
 def double_backward_kernel_reason(dy, h, weight, g_dx):
     """None when the double-backward Triton kernel can take these tensors (h the norm's input: residual_out,
-    or the q/k norm's x; weight (d,) or (G, D)), else the backends.Reason. Tensors not on CUDA take the twin by
-    design (no warning under "auto")."""
+    or the q/k norm's x; weight (d,) or (G, D)), else the backends.Reason (by design where Triton does not run
+    on them, as _triton.elementwise_reason says)."""
     why = elementwise_reason(h, dy, weight, g_dx)
-    if why is None:
-        for name, t in (("dy", dy), ("weight", weight), ("g_dx", g_dx)):
-            if t.dtype not in KERNEL_DTYPES:
-                why = f"{name} dtype {t.dtype} (the kernel takes float32, float16, bfloat16)"
-            elif t.dtype == torch.bfloat16 and t.device.type == "cpu" and interpreter_on():
-                why = on_host("bfloat16 under the Triton interpreter (its bfloat16 arithmetic is wrong)")
-            if why is not None:
-                break
-    if why is None and h.shape[-1] > DOUBLE_BACKWARD_MAX_D:
-        why = f"row length {h.shape[-1]} (the kernel takes rows up to {DOUBLE_BACKWARD_MAX_D})"
-    if why is None and weight.dim() == 2 and weight.shape[0] > DOUBLE_BACKWARD_MAX_GROUPS:
-        why = f"{weight.shape[0]} groups (the kernel takes up to {DOUBLE_BACKWARD_MAX_GROUPS})"
-    if why is not None and h.device.type != "cuda":
-        why = on_host(as_reason(why).text)
-    return why
+    if why is not None:
+        return why
+    for name, t in (("dy", dy), ("weight", weight), ("g_dx", g_dx)):
+        if t.dtype not in KERNEL_DTYPES:
+            return f"{name} dtype {t.dtype} (the kernel takes float32, float16, bfloat16)"
+        if t.dtype == torch.bfloat16 and t.device.type == "cpu" and interpreter_on():
+            return on_host("bfloat16 under the Triton interpreter (its bfloat16 arithmetic is wrong)")
+    from ..kernels.norm_double_backward import MAX_D, MAX_GROUPS  # triton is importable here
+
+    if h.shape[-1] > MAX_D:
+        return f"row length {h.shape[-1]} (the kernel takes rows up to {MAX_D})"
+    if weight.dim() == 2 and weight.shape[0] > MAX_GROUPS:
+        return f"{weight.shape[0]} groups (the kernel takes up to {MAX_GROUPS})"
+    return None
 
 
 def _launch_double_backward(dy, h, weight, g_dx, eps, is_layer):
@@ -178,24 +172,18 @@ def qk_norm_double_backward(dy, x, weight, eps, g_dx, *, backend="auto", validat
     return qk_norm_double_backward_reference(dy, x, weight, eps, g_dx)
 
 
-def _qk_first_order_backend(backend, *tensors):
-    """The backend for the q/k norm's first-order calls: "auto" on tensors off CUDA that the first-order Triton
-    kernels cannot take (float64 under the interpreter) is "reference", the twin by design with no warning."""
-    if backend == "auto" and tensors[0].device.type != "cuda" and _qk_first_order_reason(*tensors) is not None:
-        return "reference"
-    return backend
-
-
 # ---------------------------------------------------------------- autograd Functions
 
 
 class _AddNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, residual_out, weight, eps, kind, d_residual_out, backend):
+    def forward(ctx, dy, residual_out, weight, eps, kind, d_residual_out, backend, stats):
         ctx.eps, ctx.kind, ctx.backend = eps, kind, backend
         ctx.d_residual_dtype = None if d_residual_out is None else d_residual_out.dtype
         ctx.save_for_backward(dy, residual_out, weight)
-        stats = add_norm_forward(residual_out, None, weight, None, eps, kind, backend=backend, validate=False)[2]
+        if stats is None:
+            stats = add_norm_forward(residual_out, None, weight, None, eps, kind, backend=backend,
+                                     validate=False)[2]
         return add_norm_backward(dy, d_residual_out, residual_out, weight, stats, kind, backend=backend,
                                  validate=False)
 
@@ -208,7 +196,7 @@ class _AddNormBackward(torch.autograd.Function):
             bars = add_norm_double_backward(dy, residual_out, weight, ctx.eps, ctx.kind, g_dx, backend=ctx.backend,
                                             validate=False)
         d_residual_bar = None if ctx.d_residual_dtype is None else g_dx.to(ctx.d_residual_dtype)
-        return (*bars, None, None, d_residual_bar, None)
+        return (*bars, None, None, d_residual_bar, None, None)
 
 
 class _AddNorm(torch.autograd.Function):
@@ -218,14 +206,14 @@ class _AddNorm(torch.autograd.Function):
         ctx.has_residual, ctx.bias_dtype = residual is not None, None if bias is None else bias.dtype
         y, residual_out, stats = add_norm_forward(x, residual, weight, bias, eps, kind, backend=backend,
                                                   validate=False)
-        ctx.save_for_backward(residual_out, weight)
+        ctx.save_for_backward(residual_out, weight, stats)
         ctx.mark_non_differentiable(stats)
         return y, residual_out, stats
 
     @staticmethod
     def backward(ctx, dy, d_residual_out, _):
-        residual_out, weight = ctx.saved_tensors
-        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind, d_residual_out, ctx.backend)
+        residual_out, weight, stats = ctx.saved_tensors
+        dh = _AddNormBackward.apply(dy, residual_out, weight, ctx.eps, ctx.kind, d_residual_out, ctx.backend, stats)
         d = residual_out.shape[-1]
         dy_rows = dy.reshape(-1, d).to(acc_dtype(residual_out.dtype))
         dw = (dy_rows * _xhat_rows(residual_out, ctx.eps, ctx.kind)).sum(0).to(weight.dtype)
@@ -235,14 +223,14 @@ class _AddNorm(torch.autograd.Function):
 
 class _QKNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, x, weight, eps, backend):
+    def forward(ctx, dy, x, weight, eps, backend, rstd):
         ctx.eps, ctx.backend = eps, backend
         ctx.save_for_backward(dy, x, weight)
         G, D = x.shape[-2:]
         if _qk_rows3(dy, G, D) is None:  # e.g. an expanded cotangent: the first-order kernel reads (N, G, D) views
             dy = dy.contiguous()
-        backend = _qk_first_order_backend(backend, x, dy, weight)
-        rstd = qk_norm_forward(x, weight, eps, backend=backend, validate=False)[1]
+        if rstd is None:
+            rstd = qk_norm_forward(x, weight, eps, backend=backend, validate=False)[1]
         return qk_norm_backward(dy, x, weight, rstd, backend=backend, validate=False)
 
     @staticmethod
@@ -252,27 +240,26 @@ class _QKNormBackward(torch.autograd.Function):
             bars = qk_norm_double_backward_reference(dy, x, weight, ctx.eps, g_dx)
         else:
             bars = qk_norm_double_backward(dy, x, weight, ctx.eps, g_dx, backend=ctx.backend, validate=False)
-        return (*bars, None, None)
+        return (*bars, None, None, None)
 
 
 class _QKNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, backend):
         ctx.eps, ctx.backend = eps, backend
-        y, rstd = qk_norm_forward(x, weight, eps, backend=_qk_first_order_backend(backend, x, weight),
-                                  validate=False)
-        ctx.save_for_backward(x, weight)
+        y, rstd = qk_norm_forward(x, weight, eps, backend=backend, validate=False)
+        ctx.save_for_backward(x, weight, rstd)
         ctx.mark_non_differentiable(rstd)
         return y, rstd
 
     @staticmethod
     def backward(ctx, dy, _):
-        x, weight = ctx.saved_tensors
+        x, weight, rstd = ctx.saved_tensors
         acc = acc_dtype(x.dtype)
         xf = x.to(acc)
         xhat = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
         dw = (dy.to(acc) * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
-        return _QKNormBackward.apply(dy, x, weight, ctx.eps, ctx.backend), dw, None, None
+        return _QKNormBackward.apply(dy, x, weight, ctx.eps, ctx.backend, rstd), dw, None, None
 
 
 # ---------------------------------------------------------------- validation
@@ -333,17 +320,20 @@ def add_norm_op(x, residual, weight, bias, eps, kind, *, backend="auto", validat
     return _AddNorm.apply(x, residual, weight, bias, float(eps), kind, backend)
 
 
-def add_norm_backward_op(dy, residual_out, weight, eps, kind, d_residual_out=None, *, backend="auto",
+def add_norm_backward_op(dy, residual_out, weight, eps, kind, d_residual_out=None, *, stats=None, backend="auto",
                          validate=True):
-    """dx like residual_out, the norm's input gradient of dy (stats recomputed from residual_out) plus
+    """dx like residual_out, the norm's input gradient of dy plus
     d_residual_out when given (added in the accumulation dtype, as add_norm_backward_reference adds it), by
     add_norm.add_norm_backward(..., backend=backend); differentiable in dy, residual_out, weight (the written
-    double backward, add_norm_double_backward) and d_residual_out."""
+    double backward, add_norm_double_backward) and d_residual_out. stats: the (rows, 2) statistics add_norm_op
+    returned for this residual_out (its values only; the derivatives recompute them), else a forward call
+    computes them."""
     if validate:
         check_op_backend(backend)
         others = (("dy", dy),) + ((("d_residual_out", d_residual_out),) if d_residual_out is not None else ())
         _check_add_norm(residual_out, "residual_out", weight, None, eps, kind, others)
-    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind, d_residual_out, backend)
+    return _AddNormBackward.apply(dy, residual_out, weight, float(eps), kind, d_residual_out, backend,
+                                  None if stats is None else stats.detach())
 
 
 def qk_norm_op(x, weight, eps, *, backend="auto", validate=True):
@@ -355,16 +345,17 @@ def qk_norm_op(x, weight, eps, *, backend="auto", validate=True):
     return _QKNorm.apply(x, weight, float(eps), backend)
 
 
-def qk_norm_backward_op(dy, x, weight, eps, *, backend="auto", validate=True):
-    """dx like x (rstd recomputed from x), by qk_norm.qk_norm_backward(..., backend=backend); differentiable in
-    dy, x and weight by the written double backward (qk_norm_double_backward)."""
+def qk_norm_backward_op(dy, x, weight, eps, *, rstd=None, backend="auto", validate=True):
+    """dx like x, by qk_norm.qk_norm_backward(..., backend=backend); differentiable in dy, x and weight by the
+    written double backward (qk_norm_double_backward). rstd: what qk_norm_op returned for this x (its values
+    only), else a forward call computes it."""
     if validate:
         check_op_backend(backend)
         _check_qk_norm(x, weight, eps, (("dy", dy),))
-    return _QKNormBackward.apply(dy, x, weight, float(eps), backend)
+    return _QKNormBackward.apply(dy, x, weight, float(eps), backend, None if rstd is None else rstd.detach())
 
 
-__all__ = ["DOUBLE_BACKWARD_MAX_D", "add_norm_backward_op", "add_norm_backward_op_reference",
+__all__ = ["add_norm_backward_op", "add_norm_backward_op_reference",
            "add_norm_double_backward", "add_norm_double_backward_reference", "add_norm_op",
            "double_backward_kernel_reason", "qk_norm_backward_op", "qk_norm_backward_op_reference",
            "qk_norm_double_backward", "qk_norm_double_backward_reference", "qk_norm_op"]

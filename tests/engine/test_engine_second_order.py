@@ -2,10 +2,10 @@
 
 The fast write runs in float32 (its steps on the ops' twins, op_backend "reference": the backward recomputes
 each step with ops whose backward is a written second-order rule; test_second_order_on_the_kernels runs
-attention and the head + loss on their Triton kernels under the interpreter); the reference runs the same model upcast to
-float64 with Hugging Face's float32 casts lifted (models.hf64). Every gradient is compared: the initial
-memory, every model parameter (embeddings, attention, MLP, norms: q/k norms and post norms too, LM head),
-the write head and the projection's weight and bias; a frozen parameter must get none on either side.
+attention and the head + loss on their Triton kernels under the interpreter); the reference runs the same
+model upcast to float64 with Hugging Face's float32 casts lifted (models.hf64). Every gradient is compared:
+the initial memory, every model parameter (embeddings, attention, MLP, norms: q/k norms and post norms too, LM
+head), the write head and the projection's weight and bias; a frozen parameter must get none on either side.
 """
 import copy
 import warnings

@@ -4,7 +4,6 @@ dtypes, what the autograd nodes save, and argument checks."""
 import pytest
 import torch
 
-from gradmem_fast import backends
 from gradmem_fast.engine.ops import Ops
 from gradmem_fast.ops.activation_double_backward import (ACTIVATIONS, activation_backward_op,
                                                          activation_backward_reference,
@@ -35,11 +34,6 @@ def _as_tuple(x):
 # float64 (once per process): expected here, and a fresh record per test keeps them from using up another
 # module's first warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*Triton kernel cannot run \\(dtype torch.float64:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _own_warnings(monkeypatch):
-    monkeypatch.setattr(backends, "_warned", set())
 
 
 # ---------------------------------------------------------------- float64: gradcheck and gradgradcheck

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import gradmem_fast.kernels.activation_double_backward as kernels  # imported while the interpreter is on
-from gradmem_fast import backends
 from gradmem_fast.ops.activation_double_backward import (ACTIVATIONS, GATED, activation_backward_op,
                                                          activation_backward_reference, activation_double_backward,
                                                          activation_double_backward_reference, activation_op)
@@ -292,7 +291,6 @@ def test_public_function_chooses_the_kernel(kind, spy):
 
 
 def test_float64_kernel_raises_and_auto_warns(monkeypatch, spy):
-    monkeypatch.setattr(backends, "_warned", set())
     dy, pre, bars = make_inputs("swiglu", (3, 8), torch.float64, seed=19)
     with pytest.raises(RuntimeError, match="float64"):
         activation_double_backward("swiglu", dy, pre, bars, backend="kernel")
@@ -308,7 +306,6 @@ def test_float64_kernel_raises_and_auto_warns(monkeypatch, spy):
 def test_without_interpreter_on_cpu(kind, monkeypatch, spy):
     dy, pre, bars = make_inputs(kind, (3, 8), torch.float32, seed=23)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(backends, "_warned", set())
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         activation_double_backward(kind, dy, pre, bars, backend="kernel")
     with warnings.catch_warnings():
@@ -323,7 +320,6 @@ def test_without_interpreter_on_cpu(kind, monkeypatch, spy):
 def test_bfloat16_on_cpu_takes_the_twin(monkeypatch, spy):
     if torch.cuda.is_available():
         pytest.skip("the interpreter is off where a GPU is present")
-    monkeypatch.setattr(backends, "_warned", set())
     dy, pre, bars = make_inputs("geglu_tanh", (3, 8), torch.bfloat16, seed=29)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from gradmem_fast.ops import attention
-from gradmem_fast.ops.attention_double_backward import (attention_backward_op, attention_op_backward_reference,
-                                                         attention_double_backward_reference, attention_op_forward_reference,
-                                                         attention_op)
+from gradmem_fast.ops.attention_double_backward import (attention_backward_op, attention_double_backward_reference,
+                                                         attention_op, attention_op_backward_reference,
+                                                         attention_op_forward_reference)
 from helpers import rel_err
 
 # (B, S, Hq, Hkv, D, lengths)
@@ -26,7 +26,8 @@ def _inputs(B, S, Hq, Hkv, D, lengths, seed=0):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gradcheck_of_the_backward_op(shape):
     q, k, v, do, lengths = _inputs(*shape)
-    assert torch.autograd.gradcheck(lambda *x: attention_backward_op(*x, lengths, 0.7, backend="reference"), (q, k, v, do))
+    assert torch.autograd.gradcheck(lambda *x: attention_backward_op(*x, lengths, 0.7, backend="reference"),
+                                    (q, k, v, do))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -50,7 +50,8 @@ def plain_torch(x):
     dtype, softmax in fp32), differentiated twice by autograd."""
     q, k, v, do = (x[n].detach().requires_grad_(True) for n in ("q", "k", "v", "do"))
     group = q.shape[2] // k.shape[2]
-    qh, kh, vh = q.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2), v.repeat_interleave(group, 2).transpose(1, 2)
+    qh = q.transpose(1, 2)
+    kh, vh = (t.repeat_interleave(group, 2).transpose(1, 2) for t in (k, v))
     S = q.shape[1]
     pos = torch.arange(S, device=q.device)
     valid = (pos[None, :] <= pos[:, None])[None, None] & (pos < x["lengths"][:, None])[:, None, None, :]

@@ -257,3 +257,27 @@ def test_weight_of_another_dtype_is_accepted_and_gets_its_gradient_in_its_dtype(
     dx, dw = torch.autograd.grad(y.float().square().sum(), (x, w))
     assert dx.dtype == torch.float16 and dw.dtype == torch.bfloat16 and dw.shape == (4, 8)
     assert dw.abs().sum() > 0 and dx.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_ops_reuse_the_forward_statistics(kind, monkeypatch):
+    # stats / rstd handed over from the forward op: no second forward call, the same values and derivatives
+    import gradmem_fast.ops.norm_double_backward as ndb
+
+    x, _, w, _ = _add_inputs((5, 6), seed=40)
+    dy, u = _rand(5, 6, seed=44), _rand(5, 6, seed=45)
+    _, h, stats = add_norm_op(x, None, w, None, EPS, kind)
+    xq, wq = _rand(3, 4, 5, seed=46), _rand(4, 5, seed=47)
+    dyq, uq = _rand(3, 4, 5, seed=48), _rand(3, 4, 5, seed=49)
+    _, rstd = qk_norm_op(xq, wq, EPS)
+    want = [torch.autograd.grad(add_norm_backward_op(dy, h, w, EPS, kind), (dy, x, w), u, retain_graph=True),
+            torch.autograd.grad(qk_norm_backward_op(dyq, xq, wq, EPS), (dyq, xq, wq), uq)]
+    calls = []
+    for name in ("add_norm_forward", "qk_norm_forward"):
+        monkeypatch.setattr(ndb, name, lambda *a, _n=name, **k: calls.append(_n))
+    got = [torch.autograd.grad(add_norm_backward_op(dy, h, w, EPS, kind, stats=stats), (dy, x, w), u),
+           torch.autograd.grad(qk_norm_backward_op(dyq, xq, wq, EPS, rstd=rstd), (dyq, xq, wq), uq)]
+    assert not calls
+    for g, w_ in zip(got, want):
+        for a, b in zip(g, w_):
+            assert torch.equal(a, b)
